@@ -1,0 +1,78 @@
+"""The Typer application object and the helpers every command shares.
+
+Commands live one per module and register themselves on :data:`app`; they stay thin: parse,
+call the library, print, exit. Library errors become one-line messages and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, TypeVar
+
+import typer
+from rich.console import Console
+
+from sklearn_bayes_transfer import __version__
+from sklearn_bayes_transfer.exceptions import BayesTransferError
+
+__all__ = ["app", "console", "err_console", "handle_errors", "fail", "resolve_device"]
+
+app = typer.Typer(
+    name="bt-transfer",
+    help="Bayesian transfer learning with informative priors: fit a prior on a source task, "
+    "then fine-tune with it on a downstream task.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print ``message`` as one line on stderr and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn library errors (and file-system errors) into one-line messages and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (BayesTransferError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                NotADirectoryError, PermissionError) as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted; no output was written", code=130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def resolve_device(device: str) -> str:
+    """Map ``auto`` to ``cuda`` when a GPU is visible, else ``cpu``; check explicit requests."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return device
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        console.print(f"bt-transfer (sklearn-bayes-transfer) {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Show the version and exit.",
+                                 callback=_version_callback, is_eager=True),
+) -> None:
+    """Bayesian transfer learning with informative priors."""

@@ -1,0 +1,361 @@
+"""The prior's negative log-density over a module's weights, computed at the memory floor.
+
+For ``Sigma_tilde = lambda * Sigma + eps * I = diag(d) + U U^T`` (``d = lambda * variance + eps``,
+``U = sqrt(lambda) F^T``) Woodbury gives ``Sigma_tilde^{-1} = diag(1/d) - W W^T`` with
+``W = diag(1/d) U L^{-T}`` and ``L L^T = I_K + U^T diag(1/d) U``. ``1/d`` and ``W`` are computed
+once; every evaluation is then one streamed pass over ``W`` for the value
+
+    z = W^T r,   0.5 * maha = 0.5 * (r . (r / d) - z . z),   r = w - mean
+
+and one more for the gradient ``r / d - W z`` (in a custom autograd function, so backward is
+exactly that second pass). The passes walk the parameters in chunks that stay in cache, so no
+per-step concatenation of the weights happens and a bfloat16 / float16 factor is upcast chunk by
+chunk. See DESIGN.md ("Computing it fast").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .exceptions import ConfigError, PriorMismatchError
+from .prior import Prior, PriorStructure, named_parameters_for
+
+__all__ = ["PriorPenalty", "DEFAULT_CHUNK_SIZE"]
+
+#: Elements per chunk on CPU: K x chunk of the factor (float32) stays within L2 for K <= 20.
+DEFAULT_CHUNK_SIZE = 131_072
+# On accelerators the plain mat-vecs are bandwidth-bound already; big chunks only cut launches.
+_ACCELERATOR_CHUNK_SIZE = 1 << 22
+
+
+@dataclass(frozen=True)
+class _Piece:
+    param: int  # index into the parameter list
+    start: int  # offset inside the flattened parameter
+    stop: int
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    start: int  # offset in the flat prior vector
+    stop: int
+    pieces: tuple[_Piece, ...]
+
+
+def _plan_chunks(sizes: Sequence[int], chunk_size: int) -> tuple[_Chunk, ...]:
+    """Cut the virtual concatenation of the parameters into chunks of at most ``chunk_size``.
+
+    A chunk inside one large parameter is a view of it; a chunk spanning several small
+    parameters (biases, BatchNorm affines) is gathered into a cache-sized scratch buffer.
+    """
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    total, chunks, start, p = offsets[-1], [], 0, 0
+    while start < total:
+        stop = min(start + chunk_size, total)
+        pieces = []
+        while p < len(sizes) and offsets[p] < stop:
+            lo, hi = max(start, offsets[p]) - offsets[p], min(stop, offsets[p + 1]) - offsets[p]
+            if hi > lo:
+                pieces.append(_Piece(p, lo, hi))
+            if offsets[p + 1] <= stop:
+                p += 1
+            else:
+                break
+        chunks.append(_Chunk(start, stop, tuple(pieces)))
+        start = stop
+    return tuple(chunks)
+
+
+class _Precomputed:
+    """``mean``, ``1/d`` and ``W^T`` (K x D) on one device, in the compute dtype."""
+
+    def __init__(self, penalty: "PriorPenalty", device: torch.device, dtype: torch.dtype) -> None:
+        prior = penalty.prior
+        self.device, self.dtype = device, dtype
+        self.mean = prior.mean.to(device=device, dtype=dtype).contiguous()
+        self.inv_d = penalty._inv_d64.to(device=device, dtype=dtype).contiguous()
+        factor_dtype = penalty.factor_dtype or prior.factor_dtype
+        if factor_dtype == torch.float32 and dtype == torch.float64:
+            factor_dtype = torch.float64
+        self.w_t = penalty._w_t(device=device, dtype=factor_dtype)
+
+
+class _Mahalanobis(torch.autograd.Function):
+    """``0.5 r^T Sigma_tilde^{-1} r`` (or only the low-rank part ``-0.5 |W^T r|^2``)."""
+
+    @staticmethod
+    def forward(ctx, penalty: "PriorPenalty", lowrank_only: bool, *params: torch.Tensor) -> torch.Tensor:
+        pre = penalty._precomputed(params)
+        z, diag_sum = penalty._first_pass(pre, params, need_diag=not lowrank_only)
+        zz = torch.dot(z, z)
+        value = (-zz if lowrank_only else diag_sum - zz) * 0.5
+        ctx.penalty, ctx.lowrank_only, ctx.pre = penalty, lowrank_only, pre
+        ctx.save_for_backward(z, *params)
+        return value.to(params[0].dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        z, *params = ctx.saved_tensors
+        grads = ctx.penalty._second_pass(ctx.pre, params, z, grad_output.to(z.dtype), ctx.lowrank_only)
+        return (None, None, *grads)
+
+
+class PriorPenalty:
+    """The negative log-density of a (scaled) prior, bound to a module's parameters.
+
+    Computes ``0.5 * (w - mean)^T Sigma_tilde^{-1} (w - mean)`` with
+    ``Sigma_tilde = scale * Sigma + eps * I`` for the chosen ``structure``, and its gradient,
+    in two streamed passes over the low-rank factor. The log-determinant is constant in the
+    weights; it is left out of the training term and included in :meth:`log_prob`.
+
+    Parameters
+    ----------
+    prior : Prior
+        The learned prior.
+    scale : float, default=1.0
+        ``lambda > 0``, multiplies the whole covariance (``1`` = the posterior as learned).
+    eps : float, default=0.0
+        Jitter ``>= 0`` added to the diagonal.
+    structure : {"lowrank", "diag", "isotropic"}, default="lowrank"
+        Which part of the covariance to use (see :class:`~sklearn_bayes_transfer.prior.PriorStructure`).
+    factor_dtype : torch.dtype, optional
+        Storage dtype of the precomputed ``W`` (default: the prior's factor dtype). bfloat16 and
+        float16 halve the memory traffic; chunks are upcast to the compute dtype.
+    chunk_size : int, optional
+        Elements per streamed chunk (default: 131072 on CPU, 4M on accelerators).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_bayes_transfer import Prior, PriorPenalty
+    >>> layer = torch.nn.Linear(3, 2)
+    >>> prior = Prior.from_module(layer, variance=0.5)
+    >>> penalty = PriorPenalty(prior, scale=2.0)
+    >>> params = penalty.bind(layer)
+    >>> float(penalty(params))  # at the prior mean
+    0.0
+    """
+
+    def __init__(
+        self,
+        prior: Prior,
+        *,
+        scale: float = 1.0,
+        eps: float = 0.0,
+        structure: PriorStructure | str = PriorStructure.LOWRANK,
+        factor_dtype: torch.dtype | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        if not isinstance(prior, Prior):
+            raise ConfigError(f"prior must be a Prior, got {type(prior).__name__}; load files with Prior.load(path)")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ConfigError(f"prior_scale must be a finite number > 0, got {scale!r} "
+                              "(use prior_structure='none' to fine-tune without a prior)")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+            raise ConfigError(f"prior_eps must be a finite number >= 0, got {eps!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        try:
+            structure = PriorStructure(structure)
+        except ValueError:
+            raise ConfigError(f"prior_structure={structure!r} is not valid; expected 'lowrank', 'diag' or "
+                              "'isotropic' ('none' means no penalty at all)") from None
+        if structure is PriorStructure.NONE:
+            raise ConfigError("prior_structure='none' has no penalty to compute; skip the PriorPenalty instead")
+        self.prior = prior.reduce(structure)
+        self.scale, self.eps, self.structure = float(scale), float(eps), structure
+        self.factor_dtype = factor_dtype
+        self.chunk_size = chunk_size
+        self._setup()
+        self._cache: dict[tuple, _Precomputed] = {}
+        self._plans: dict[tuple, tuple[_Chunk, ...]] = {}
+
+    # -- precomputation ----------------------------------------------------------------------
+    def _setup(self) -> None:
+        d = self.scale * self.prior.variance.to(torch.float64) + self.eps
+        if self.prior.n_params and float(d.min()) <= 0:
+            zeros = int((d <= 0).sum())
+            raise ConfigError(f"{zeros} prior variance(s) are zero, so the prior precision is infinite; "
+                              "set prior_eps > 0 (e.g. 1e-8)")
+        self._inv_d64 = 1.0 / d
+        k = self.prior.rank
+        # A = I_K + lambda * F diag(1/d) F^T, built chunk by chunk in float64.
+        a = torch.eye(k, dtype=torch.float64)
+        for start in range(0, self.prior.n_params, DEFAULT_CHUNK_SIZE * 8):
+            stop = start + DEFAULT_CHUNK_SIZE * 8
+            f = self.prior.factor[:, start:stop].to(torch.float64)
+            a += self.scale * (f * self._inv_d64[start:stop]) @ f.T
+        self._chol = torch.linalg.cholesky(a) if k else a
+        self._logdet = float(torch.log(d).sum() + 2 * torch.log(torch.diagonal(self._chol)).sum())
+
+    def _w_t(self, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``W^T = L^{-1} sqrt(lambda) F diag(1/d)`` as a (K, D) tensor."""
+        k, n = self.prior.rank, self.prior.n_params
+        out = torch.empty(k, n, dtype=dtype, device=device)
+        step = DEFAULT_CHUNK_SIZE * 8
+        for start in range(0, n if k else 0, step):
+            stop = min(start + step, n)
+            f = self.prior.factor[:, start:stop].to(torch.float64) * (math.sqrt(self.scale) * self._inv_d64[start:stop])
+            out[:, start:stop] = torch.linalg.solve_triangular(self._chol, f, upper=False).to(device=device, dtype=dtype)
+        return out
+
+    def _precomputed(self, params: Sequence[torch.Tensor]) -> _Precomputed:
+        first = params[0]
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        key = (first.device, dtype)
+        if key not in self._cache:
+            self._cache[key] = _Precomputed(self, first.device, dtype)
+        return self._cache[key]
+
+    def _plan(self, params: Sequence[torch.Tensor]) -> tuple[_Chunk, ...]:
+        self._check(params)
+        device = params[0].device
+        size = self.chunk_size or (DEFAULT_CHUNK_SIZE if device.type == "cpu" else _ACCELERATOR_CHUNK_SIZE)
+        key = (size, device.type)
+        if key not in self._plans:
+            self._plans[key] = _plan_chunks([math.prod(s) for s in self.prior.shapes], size)
+        return self._plans[key]
+
+    def _check(self, params: Sequence[torch.Tensor]) -> None:
+        if len(params) != len(self.prior.shapes):
+            raise PriorMismatchError(f"expected {len(self.prior.shapes)} parameter tensors (the prior's), got "
+                                     f"{len(params)}; use penalty.bind(module) to select them")
+        for p, name, shape in zip(params, self.prior.names, self.prior.shapes):
+            if tuple(p.shape) != shape:
+                raise PriorMismatchError(f"parameter {name!r} has shape {tuple(p.shape)}, the prior expects {shape}")
+
+    # -- streamed passes ------------------------------------------------------------------------
+    @staticmethod
+    def _gather(chunk: _Chunk, flat: Sequence[torch.Tensor], scratch: torch.Tensor) -> torch.Tensor:
+        """The chunk's weights: a view for one parameter, else gathered into ``scratch``."""
+        n = chunk.stop - chunk.start
+        if len(chunk.pieces) == 1:
+            piece = chunk.pieces[0]
+            view = flat[piece.param][piece.start:piece.stop]
+            if view.dtype == scratch.dtype:
+                return view
+            return scratch[:n].copy_(view)
+        pos = 0
+        for piece in chunk.pieces:
+            m = piece.stop - piece.start
+            scratch[pos:pos + m].copy_(flat[piece.param][piece.start:piece.stop])
+            pos += m
+        return scratch[:n]
+
+    def _factor_chunk(self, pre: _Precomputed, chunk: _Chunk, scratch: torch.Tensor) -> torch.Tensor:
+        w_t = pre.w_t[:, chunk.start:chunk.stop]
+        if w_t.dtype == pre.dtype:
+            return w_t
+        return scratch[:, :chunk.stop - chunk.start].copy_(w_t)
+
+    def _first_pass(self, pre: _Precomputed, params: Sequence[torch.Tensor], *, need_diag: bool):
+        plan = self._plan(params)
+        flat = [p.detach().reshape(-1) for p in params]
+        k, dtype, device = self.prior.rank, pre.dtype, pre.device
+        size = max(c.stop - c.start for c in plan)
+        scratch_w = torch.empty(size, dtype=dtype, device=device)
+        r = torch.empty(size, dtype=dtype, device=device)
+        rd = torch.empty(size, dtype=dtype, device=device)
+        scratch_f = torch.empty(k, size, dtype=dtype, device=device) if pre.w_t.dtype != dtype and k else None
+        zs = torch.zeros(len(plan), k, dtype=dtype, device=device)
+        diag = torch.zeros(len(plan), dtype=dtype, device=device)
+        for i, chunk in enumerate(plan):
+            n = chunk.stop - chunk.start
+            w = self._gather(chunk, flat, scratch_w)
+            rc = torch.sub(w, pre.mean[chunk.start:chunk.stop], out=r[:n])
+            if need_diag:
+                torch.dot(rc, torch.mul(rc, pre.inv_d[chunk.start:chunk.stop], out=rd[:n]), out=diag[i])
+            if k:
+                torch.mv(self._factor_chunk(pre, chunk, scratch_f), rc, out=zs[i])
+        # Per-chunk partial sums, added once: fewer rounding steps and no device syncs in the loop.
+        return zs.sum(0), diag.sum()
+
+    def _second_pass(self, pre: _Precomputed, params: Sequence[torch.Tensor], z: torch.Tensor,
+                     grad_output: torch.Tensor, lowrank_only: bool) -> list[torch.Tensor]:
+        plan = self._plan(params)
+        flat = [p.detach().reshape(-1) for p in params]
+        k, dtype, device = self.prior.rank, pre.dtype, pre.device
+        size = max(c.stop - c.start for c in plan)
+        scratch_w = torch.empty(size, dtype=dtype, device=device)
+        r = torch.empty(size, dtype=dtype, device=device)
+        scratch_f = torch.empty(k, size, dtype=dtype, device=device) if pre.w_t.dtype != dtype and k else None
+        grad = torch.empty(self.prior.n_params, dtype=dtype, device=device)
+        zg = z * grad_output
+        for chunk in plan:
+            n = chunk.stop - chunk.start
+            g = grad[chunk.start:chunk.stop]
+            if lowrank_only:
+                g.zero_()
+            else:
+                w = self._gather(chunk, flat, scratch_w)
+                rc = torch.sub(w, pre.mean[chunk.start:chunk.stop], out=r[:n])
+                torch.mul(rc, pre.inv_d[chunk.start:chunk.stop], out=g)
+                g.mul_(grad_output)
+            if k:
+                g.addmv_(self._factor_chunk(pre, chunk, scratch_f).T, zg, alpha=-1)
+        out = []
+        for p, view in zip(params, self.prior.split(grad).values()):
+            out.append(view.to(p.dtype) if view.dtype != p.dtype else view)
+        return out
+
+    # -- public API -----------------------------------------------------------------------------
+    def bind(self, module: nn.Module) -> list[nn.Parameter]:
+        """The module's parameters this prior covers, in the prior's order (by name).
+
+        Raises :class:`~sklearn_bayes_transfer.exceptions.PriorMismatchError` naming the first
+        missing or mismatching parameters.
+        """
+        return [p for _, p in named_parameters_for(self.prior, module)]
+
+    def __call__(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``0.5 * r^T Sigma_tilde^{-1} r`` (differentiable in ``params``)."""
+        return _Mahalanobis.apply(self, False, *params)
+
+    def lowrank_term(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Only the Woodbury correction ``-0.5 |W^T r|^2`` (differentiable).
+
+        Together with :meth:`prox_diag_` it splits the penalty into an explicit low-rank step and
+        an exact implicit step on the diagonal; that splitting is stable for every scale.
+        """
+        return _Mahalanobis.apply(self, True, *params)
+
+    def log_prob(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The full log-density ``log N(w; mean, Sigma_tilde)``, with log-determinant and ``2 pi``."""
+        const = 0.5 * (self._logdet + self.prior.n_params * math.log(2 * math.pi))
+        return -self(params) - const
+
+    @property
+    def logdet(self) -> float:
+        """``log det Sigma_tilde`` (computed in float64)."""
+        return self._logdet
+
+    @property
+    def max_precision(self) -> float:
+        """Largest diagonal precision ``1 / min(d)``: the stiffness of the training term."""
+        return float(self._inv_d64.max()) if self.prior.n_params else 0.0
+
+    @torch.no_grad()
+    def prox_diag_(self, params: Sequence[torch.Tensor], step: float | torch.Tensor) -> None:
+        """Exact proximal step on the diagonal part, in place.
+
+        Solves ``argmin_v 0.5 * step * (v - m)^T diag(1/d) (v - m) + 0.5 |v - w|^2`` elementwise:
+        ``v = m + (w - m) / (1 + step / d)``. It contracts towards the mean for every
+        ``step >= 0``, however stiff the prior, where an explicit gradient step would diverge once
+        ``step / d > 2``.
+        """
+        pre = self._precomputed(params)
+        self._check(params)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            m = pre.mean[offset:offset + n].view_as(p)
+            shrink = torch.reciprocal(pre.inv_d[offset:offset + n].view_as(p) * step + 1)
+            p.sub_(m.to(p.dtype)).mul_(shrink.to(p.dtype)).add_(m.to(p.dtype))
+            offset += n
