@@ -85,6 +85,9 @@ class _Precomputed:
         if factor_dtype == torch.float32 and dtype == torch.float64:
             factor_dtype = torch.float64
         self.w_t = penalty._w_t(device=device, dtype=factor_dtype)
+        # r / d of the latest evaluation, and a counter telling backward whether it is still its own.
+        self.rd = torch.empty(0, dtype=dtype, device=device)
+        self.generation = 0
 
 
 class _Mahalanobis(torch.autograd.Function):
@@ -97,13 +100,17 @@ class _Mahalanobis(torch.autograd.Function):
         zz = torch.dot(z, z)
         value = (-zz if lowrank_only else diag_sum - zz) * 0.5
         ctx.penalty, ctx.lowrank_only, ctx.pre = penalty, lowrank_only, pre
+        # The first pass left r / d in a buffer the backward reuses, unless a later evaluation
+        # overwrote it (then the backward recomputes it from the saved weights).
+        ctx.generation = pre.generation
         ctx.save_for_backward(z, *params)
         return value.to(params[0].dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         z, *params = ctx.saved_tensors
-        grads = ctx.penalty._second_pass(ctx.pre, params, z, grad_output.to(z.dtype), ctx.lowrank_only)
+        reuse = ctx.generation == ctx.pre.generation and not ctx.lowrank_only
+        grads = ctx.penalty._second_pass(ctx.pre, params, z, grad_output.to(z.dtype), ctx.lowrank_only, reuse)
         return (None, None, *grads)
 
 
@@ -262,37 +269,51 @@ class PriorPenalty:
         size = max(c.stop - c.start for c in plan)
         scratch_w = torch.empty(size, dtype=dtype, device=device)
         r = torch.empty(size, dtype=dtype, device=device)
-        rd = torch.empty(size, dtype=dtype, device=device)
         scratch_f = torch.empty(k, size, dtype=dtype, device=device) if pre.w_t.dtype != dtype and k else None
         zs = torch.zeros(len(plan), k, dtype=dtype, device=device)
         diag = torch.zeros(len(plan), dtype=dtype, device=device)
+        if need_diag:
+            pre.generation += 1
+            if pre.rd.numel() != self.prior.n_params:
+                pre.rd = torch.empty(self.prior.n_params, dtype=dtype, device=device)
         for i, chunk in enumerate(plan):
             n = chunk.stop - chunk.start
             w = self._gather(chunk, flat, scratch_w)
             rc = torch.sub(w, pre.mean[chunk.start:chunk.stop], out=r[:n])
             if need_diag:
-                torch.dot(rc, torch.mul(rc, pre.inv_d[chunk.start:chunk.stop], out=rd[:n]), out=diag[i])
+                rd = torch.mul(rc, pre.inv_d[chunk.start:chunk.stop], out=pre.rd[chunk.start:chunk.stop])
+                torch.dot(rc, rd, out=diag[i])
             if k:
                 torch.mv(self._factor_chunk(pre, chunk, scratch_f), rc, out=zs[i])
         # Per-chunk partial sums, added once: fewer rounding steps and no device syncs in the loop.
         return zs.sum(0), diag.sum()
 
     def _second_pass(self, pre: _Precomputed, params: Sequence[torch.Tensor], z: torch.Tensor,
-                     grad_output: torch.Tensor, lowrank_only: bool) -> list[torch.Tensor]:
+                     grad_output: torch.Tensor, lowrank_only: bool, reuse: bool) -> list[torch.Tensor]:
         plan = self._plan(params)
         flat = [p.detach().reshape(-1) for p in params]
         k, dtype, device = self.prior.rank, pre.dtype, pre.device
         size = max(c.stop - c.start for c in plan)
         scratch_w = torch.empty(size, dtype=dtype, device=device)
+        scratch_g = torch.empty(size, dtype=dtype, device=device)
         r = torch.empty(size, dtype=dtype, device=device)
         scratch_f = torch.empty(k, size, dtype=dtype, device=device) if pre.w_t.dtype != dtype and k else None
-        grad = torch.empty(self.prior.n_params, dtype=dtype, device=device)
+        # One gradient tensor per parameter: each is small enough for the allocator to recycle,
+        # where one D-sized buffer would be fresh (page-faulting) memory on every step.
+        grads = [torch.empty(p.shape, dtype=dtype, device=device) for p in params]
+        flat_grads = [g.view(-1) for g in grads]
         zg = z * grad_output
         for chunk in plan:
             n = chunk.stop - chunk.start
-            g = grad[chunk.start:chunk.stop]
+            if len(chunk.pieces) == 1:
+                piece = chunk.pieces[0]
+                g = flat_grads[piece.param][piece.start:piece.stop]
+            else:
+                g = scratch_g[:n]
             if lowrank_only:
                 g.zero_()
+            elif reuse:
+                torch.mul(pre.rd[chunk.start:chunk.stop], grad_output, out=g)
             else:
                 w = self._gather(chunk, flat, scratch_w)
                 rc = torch.sub(w, pre.mean[chunk.start:chunk.stop], out=r[:n])
@@ -300,10 +321,13 @@ class PriorPenalty:
                 g.mul_(grad_output)
             if k:
                 g.addmv_(self._factor_chunk(pre, chunk, scratch_f).T, zg, alpha=-1)
-        out = []
-        for p, view in zip(params, self.prior.split(grad).values()):
-            out.append(view.to(p.dtype) if view.dtype != p.dtype else view)
-        return out
+            if len(chunk.pieces) > 1:
+                pos = 0
+                for piece in chunk.pieces:
+                    m = piece.stop - piece.start
+                    flat_grads[piece.param][piece.start:piece.stop].copy_(g[pos:pos + m])
+                    pos += m
+        return [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
 
     # -- public API -----------------------------------------------------------------------------
     def bind(self, module: nn.Module) -> list[nn.Parameter]:

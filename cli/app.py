@@ -1,0 +1,16 @@
+"""Entry point of ``bt-transfer``: imports every command module so each registers itself."""
+
+from __future__ import annotations
+
+from ._app import app
+
+# Each import registers one command on ``app``.
+from . import inspect_cmd  # noqa: F401,E402
+from . import convert_cmd  # noqa: F401,E402
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Run the ``bt-transfer`` command line."""
+    app()

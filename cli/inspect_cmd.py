@@ -1,0 +1,76 @@
+"""``bt-transfer inspect``: what a prior file holds, without loading it into memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from sklearn_bayes_transfer.prior import Prior
+
+from ._app import app, console, handle_errors
+
+__all__ = ["inspect", "prior_summary"]
+
+
+def prior_summary(prior: Prior, path: Path) -> dict[str, Any]:
+    """The facts ``inspect`` reports, as plain python (the ``--json`` payload)."""
+    meta = prior.meta
+    return {
+        "file": str(path),
+        "size_bytes": path.stat().st_size,
+        "backbone": meta.get("backbone"),
+        "backbone_kwargs": meta.get("backbone_kwargs", {}),
+        "n_params": prior.n_params,
+        "rank": prior.rank,
+        "n_tensors": len(prior.names),
+        "factor_dtype": str(prior.factor_dtype).replace("torch.", ""),
+        "n_buffers": len(prior.buffers),
+        "variance": prior.variance_stats(),
+        "reference_scale": prior.reference_scale(),
+        "meta": meta,
+    }
+
+
+@app.command("inspect")
+@handle_errors
+def inspect(
+    prior_path: Annotated[Path, typer.Argument(metavar="PRIOR", help="Prior file written by fit-prior, "
+                                               "convert-official or Prior.save.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Show a prior's backbone, size, variance statistics and reference scale lambda_0."""
+    prior = Prior.load(prior_path)
+    info = prior_summary(prior, prior_path)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    var = info["variance"]
+    table = Table(title=f"prior {prior_path}", show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    rows = [
+        ("backbone", f"{info['backbone']} {info['backbone_kwargs'] or ''}".strip()),
+        ("parameters D", f"{info['n_params']:,} in {info['n_tensors']} tensors"),
+        ("rank K", str(info["rank"])),
+        ("factor dtype", info["factor_dtype"]),
+        ("size on disk", f"{info['size_bytes'] / 2**20:.2f} MiB"),
+        ("buffers", str(info["n_buffers"])),
+    ]
+    if var:
+        clamp_note = "" if var["clamp_known"] else " (at the minimum; var_clamp not recorded)"
+        rows += [
+            ("variance min / median / max", f"{var['min']:.3g} / {var['median']:.3g} / {var['max']:.3g}"),
+            ("fraction at clamp", f"{var['fraction_at_clamp']:.1%}{clamp_note}"),
+        ]
+    rows.append(("reference scale lambda_0", f"{info['reference_scale']:.3g}  (grid: lambda_0 * 10**k)"))
+    meta = info["meta"]
+    for key in ("method", "source_task", "n_snapshots", "preprocess", "created", "library_version", "import"):
+        if key in meta:
+            rows.append((key, json.dumps(meta[key]) if isinstance(meta[key], (dict, list)) else str(meta[key])))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
