@@ -94,24 +94,28 @@ class _Mahalanobis(torch.autograd.Function):
     """``0.5 r^T Sigma_tilde^{-1} r`` (or only the low-rank part ``-0.5 |W^T r|^2``)."""
 
     @staticmethod
-    def forward(ctx, penalty: "PriorPenalty", lowrank_only: bool, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, penalty: "PriorPenalty", lowrank_only: bool, with_full: bool, *params: torch.Tensor):
         pre = penalty._precomputed(params)
-        z, diag_sum = penalty._first_pass(pre, params, need_diag=not lowrank_only)
+        z, diag_sum = penalty._first_pass(pre, params, need_diag=with_full or not lowrank_only)
         zz = torch.dot(z, z)
         value = (-zz if lowrank_only else diag_sum - zz) * 0.5
+        if with_full:
+            # The whole term's value beside the low-rank part's differentiable one (for logging).
+            full = ((diag_sum - zz) * 0.5).to(params[0].dtype)
+            ctx.mark_non_differentiable(full)
         ctx.penalty, ctx.lowrank_only, ctx.pre = penalty, lowrank_only, pre
         # The first pass left r / d in a buffer the backward reuses, unless a later evaluation
         # overwrote it (then the backward recomputes it from the saved weights).
         ctx.generation = pre.generation
         ctx.save_for_backward(z, *params)
-        return value.to(params[0].dtype)
+        return (value.to(params[0].dtype), full) if with_full else value.to(params[0].dtype)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor, *unused: torch.Tensor):
         z, *params = ctx.saved_tensors
         reuse = ctx.generation == ctx.pre.generation and not ctx.lowrank_only
         grads = ctx.penalty._second_pass(ctx.pre, params, z, grad_output.to(z.dtype), ctx.lowrank_only, reuse)
-        return (None, None, *grads)
+        return (None, None, None, *grads)
 
 
 class PriorPenalty:
@@ -340,7 +344,7 @@ class PriorPenalty:
 
     def __call__(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """``0.5 * r^T Sigma_tilde^{-1} r`` (differentiable in ``params``)."""
-        return _Mahalanobis.apply(self, False, *params)
+        return _Mahalanobis.apply(self, False, False, *params)
 
     def lowrank_term(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """Only the Woodbury correction ``-0.5 |W^T r|^2`` (differentiable).
@@ -348,7 +352,12 @@ class PriorPenalty:
         Together with :meth:`prox_diag_` it splits the penalty into an explicit low-rank step and
         an exact implicit step on the diagonal; that splitting is stable for every scale.
         """
-        return _Mahalanobis.apply(self, True, *params)
+        return _Mahalanobis.apply(self, True, False, *params)
+
+    def split_terms(self, params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lowrank_term(params), value)`` from one pass: the differentiable low-rank
+        correction for the gradient and the whole term's value (not differentiable), for logs."""
+        return _Mahalanobis.apply(self, True, True, *params)
 
     def log_prob(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """The full log-density ``log N(w; mean, Sigma_tilde)``, with log-determinant and ``2 pi``."""
@@ -366,7 +375,7 @@ class PriorPenalty:
         return float(self._inv_d64.max()) if self.prior.n_params else 0.0
 
     @torch.no_grad()
-    def prox_diag_(self, params: Sequence[torch.Tensor], step: float | torch.Tensor) -> None:
+    def prox_diag_(self, params: Sequence[torch.Tensor], step: float | Sequence[float]) -> None:
         """Exact proximal step on the diagonal part, in place.
 
         Solves ``argmin_v 0.5 * step * (v - m)^T diag(1/d) (v - m) + 0.5 |v - w|^2`` elementwise:
@@ -376,10 +385,13 @@ class PriorPenalty:
         """
         pre = self._precomputed(params)
         self._check(params)
+        steps = [float(step)] * len(params) if isinstance(step, (int, float)) else [float(s) for s in step]
+        if len(steps) != len(params) or any(not math.isfinite(s) or s < 0 for s in steps):
+            raise ConfigError(f"step must be a finite number >= 0 or one per parameter, got {step!r}")
         offset = 0
-        for p in params:
+        for p, step_p in zip(params, steps):
             n = p.numel()
             m = pre.mean[offset:offset + n].view_as(p)
-            shrink = torch.reciprocal(pre.inv_d[offset:offset + n].view_as(p) * step + 1)
+            shrink = torch.reciprocal(pre.inv_d[offset:offset + n].view_as(p) * step_p + 1)
             p.sub_(m.to(p.dtype)).mul_(shrink.to(p.dtype)).add_(m.to(p.dtype))
             offset += n

@@ -1,0 +1,232 @@
+"""``PriorRegularizedClassifier``: fine-tuning with a learned prior, as a scikit-learn classifier."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from skorch import NeuralNetClassifier
+from torch import nn
+
+from .backbones import feature_dim_of
+from .exceptions import DataError
+from .regularized import PriorRegularizedMixin, _as_numpy
+
+__all__ = ["PriorRegularizedClassifier"]
+
+
+class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
+    """Image classifier fine-tuned with ``cross-entropy + prior negative log-density``.
+
+    With only ``prior`` given, the backbone is rebuilt from the prior's metadata, initialised at
+    the prior mean (with the prior's BatchNorm statistics), and a new linear head is sized from
+    ``y``. The loss per batch is
+
+        task_loss + 0.5 * r^T (prior_scale * Sigma + prior_eps * I)^{-1} r / N
+                  + 0.5 * head_weight_decay * |w_head|^2 / N
+
+    with ``r`` the backbone weights minus the prior mean and ``N`` the number of training
+    examples. ``task_loss``, ``prior_nll`` and ``head_nll`` are logged in ``history``.
+
+    Parameters
+    ----------
+    prior : Prior, str or path, default=None
+        The prior (or a prior file). ``None`` needs ``module`` and means plain fine-tuning.
+    module : nn.Module class or instance, default=None
+        Your own network; ``None`` builds ``BackboneWithHead(prior's backbone, Linear head)``.
+        The prior binds to its parameters by name (a ``backbone.`` or ``module.`` prefix is
+        tolerated).
+    prior_scale : float, default=1.0
+        ``lambda > 0``: scales the prior covariance. ``1`` is the posterior as learned; useful
+        values span many orders of magnitude, so search it on a log grid (see
+        :meth:`Prior.reference_scale`).
+    prior_eps : float, default=0.0
+        Jitter added to the prior covariance's diagonal.
+    prior_structure : {"lowrank", "diag", "isotropic", "none"}, default="lowrank"
+        Which part of the covariance to use; ``"none"`` is standard fine-tuning (same code path).
+    head_weight_decay : float, default=1.0
+        Precision of the zero-mean Gaussian prior on the parameters the prior does not cover
+        (the new head).
+    prior_update : {"auto", "proximal", "gradient"}, default="auto"
+        How the stiff prior term enters the update (see
+        :class:`~sklearn_bayes_transfer.regularized.PriorUpdate`).
+    factor_dtype : {None, "float32", "bfloat16", "float16"}, default=None
+        Storage dtype of the penalty's low-rank matrix (``None``: the prior's).
+    preprocess : "auto", None, Preprocess or dict, default="auto"
+        Input preprocessing. ``"auto"`` applies the prior's recorded preprocessing (resize,
+        grey/RGB, normalisation), or one fitted on the training data if the prior has none.
+    criterion, optimizer, lr, max_epochs, batch_size, train_split, callbacks, device, ...
+        As in :class:`skorch.NeuralNetClassifier`. ``train_split`` defaults to ``None``: ``fit``
+        trains on all the data it gets, as scikit-learn estimators do.
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        The class labels, in the order of ``predict_proba``'s columns.
+    prior_ : Prior or None
+        The prior in use.
+    preprocess_ : Preprocess or None
+        The preprocessing applied to inputs.
+    n_train_ : int
+        Number of training examples of the last fit (the ``N`` of the loss).
+    module_ : nn.Module
+        The fitted network.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from sklearn_bayes_transfer import Prior, PriorRegularizedClassifier
+    >>> from sklearn_bayes_transfer.backbones import get_backbone
+    >>> prior = Prior.from_module(get_backbone("small_cnn", width=4), variance=0.01)
+    >>> X = np.random.default_rng(0).random((20, 8, 8)).astype("float32")
+    >>> y = np.array(["cat", "dog"] * 10)
+    >>> clf = PriorRegularizedClassifier(prior, max_epochs=2, verbose=0).fit(X, y)
+    >>> clf.predict(X[:3]).shape
+    (3,)
+    """
+
+    def __init__(
+        self,
+        prior=None,
+        module=None,
+        *args: Any,
+        criterion=nn.CrossEntropyLoss,
+        train_split=None,
+        classes=None,
+        prior_scale: float = 1.0,
+        prior_eps: float = 0.0,
+        prior_structure: str = "lowrank",
+        head_weight_decay: float = 1.0,
+        prior_update: str = "auto",
+        factor_dtype: str | None = None,
+        preprocess: Any = "auto",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(module, *args, criterion=criterion, train_split=train_split, classes=classes, **kwargs)
+        self.prior = prior
+        self.prior_scale = prior_scale
+        self.prior_eps = prior_eps
+        self.prior_structure = prior_structure
+        self.head_weight_decay = head_weight_decay
+        self.prior_update = prior_update
+        self.factor_dtype = factor_dtype
+        self.preprocess = preprocess
+
+    # -- labels ------------------------------------------------------------------------------------
+    @property
+    def classes_(self) -> np.ndarray:
+        try:
+            return self.classes_fitted_
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} has no attribute 'classes_' before fit") from None
+
+    def _encode(self, y: Any, *, n: int) -> torch.Tensor:
+        y = _as_numpy(y)
+        if y.ndim != 1 and not (y.ndim == 2 and y.shape[1] == 1):
+            raise DataError(f"y must be 1-D class labels, got shape {y.shape}")
+        y = y.reshape(-1)
+        if len(y) != n:
+            raise DataError(f"X has {n} examples but y has {len(y)} labels")
+        index = {label: i for i, label in enumerate(self.classes_.tolist())}
+        try:
+            return torch.as_tensor([index[label] for label in y.tolist()], dtype=torch.int64)
+        except KeyError as exc:
+            raise DataError(f"label {exc.args[0]!r} was not seen in fit (classes: {self.classes_.tolist()})") from None
+
+    def _fit_labels(self, X: Any, y: Any) -> np.ndarray:
+        """Learn ``classes_`` from ``y`` (or from a Dataset's own labels)."""
+        if isinstance(X, torch.utils.data.Dataset) and y is None:
+            y = _dataset_labels(X)
+        if y is None:
+            raise DataError("y is required: pass class labels, or a Dataset that yields (image, label) pairs")
+        labels = _as_numpy(y).reshape(-1)
+        classes = np.asarray(self.classes) if self.classes is not None else np.unique(labels)
+        if len(classes) < 2:
+            raise DataError(f"y has a single class ({classes.tolist()}); a classifier needs at least two")
+        self.classes_fitted_ = classes
+        self.classes_inferred_ = classes
+        return labels
+
+    # -- sklearn / skorch entry points ------------------------------------------------------------
+    def fit(self, X, y=None, **fit_params):
+        """Fine-tune on images ``X`` (arrays (N,H,W) / (N,C,H,W), or a Dataset) and labels ``y``."""
+        if not self.warm_start or not getattr(self, "initialized_", False):
+            y = self._fit_labels(X, y)
+            self._check_prior_hyperparameters()
+            self.prior_ = self._resolve_prior()
+            self.preprocess_ = self._fit_preprocess(X)
+        Xt, yt = self._prepare_Xy(X, y)
+        self.n_features_in_ = int(np.prod(np.shape(X)[1:])) if isinstance(X, (np.ndarray, torch.Tensor)) else None
+        self.input_shape_ = tuple(Xt[0][0].shape if isinstance(Xt, torch.utils.data.Dataset) else Xt.shape[1:])
+        self._in_fit_ = True
+        try:
+            return super().fit(Xt, yt, **fit_params)
+        finally:
+            del self._in_fit_
+
+    def partial_fit(self, X, y=None, classes=None, **fit_params):
+        if getattr(self, "_in_fit_", False):
+            return super().partial_fit(X, y, classes=classes, **fit_params)
+        if not getattr(self, "initialized_", False):
+            return self.fit(X, y, **fit_params)
+        return super().partial_fit(*self._prepare_Xy(X, y), classes=classes, **fit_params)
+
+    def _prepare_Xy(self, X: Any, y: Any) -> tuple[Any, torch.Tensor]:
+        """Preprocessed inputs and class indices; a Dataset's own labels are encoded per item."""
+        is_dataset = isinstance(X, torch.utils.data.Dataset)
+        if is_dataset and y is None:
+            y = _dataset_labels(X)
+        Xt = self._prepare_X(X)
+        yt = self._encode(y, n=len(Xt))
+        if is_dataset:
+            Xt = _EncodedTargets(Xt, yt)
+        return Xt, yt
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities, columns in the order of ``classes_``."""
+        self._check_fitted()
+        return super().predict_proba(self._prepare_X(X))
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted labels (values of ``classes_``)."""
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+    def _check_fitted(self) -> None:
+        from sklearn.exceptions import NotFittedError
+
+        if not getattr(self, "initialized_", False) or not hasattr(self, "classes_fitted_"):
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet; call 'fit' first")
+
+    def _build_head(self, backbone: nn.Module) -> nn.Module:
+        return nn.Linear(feature_dim_of(backbone, self._example_input()), len(self.classes_))
+
+
+class _EncodedTargets(torch.utils.data.Dataset):
+    """A ``(x, label)`` dataset whose labels are replaced by precomputed class indices."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, targets: torch.Tensor) -> None:
+        self.dataset = dataset
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        return (item[0] if isinstance(item, (tuple, list)) else item), self.targets[index]
+
+
+def _dataset_labels(dataset: torch.utils.data.Dataset) -> np.ndarray:
+    """Labels of a ``(x, y)`` dataset: its ``targets`` attribute, else one pass over it."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) == len(dataset):
+        return _as_numpy(targets)
+    labels = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise DataError("a Dataset passed without y must yield (image, label) pairs")
+        label = item[1]
+        labels.append(label.item() if isinstance(label, torch.Tensor) else label)
+    return np.asarray(labels)

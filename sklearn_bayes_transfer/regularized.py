@@ -1,0 +1,347 @@
+"""The prior plumbing shared by the downstream estimators (classifier and segmenter).
+
+:class:`PriorRegularizedMixin` goes in front of a skorch net class. It rebuilds the backbone
+from the prior, binds the prior to the backbone's parameters, and adds
+
+    prior_nll = 0.5 * r^T Sigma_tilde^{-1} r / N_train      (the backbone)
+    head_nll  = 0.5 * head_weight_decay * |w_head|^2 / N_train
+
+to the task loss in :meth:`get_loss`, so the training loss is one negative log-posterior per
+example. Both terms are logged in ``history`` beside ``task_loss``.
+
+The prior term is stiff (its curvature reaches ``1 / (N * min(d))``), so by default, with plain
+SGD, its diagonal part is applied as an exact proximal step after each optimizer step and only
+the low-rank correction goes through the gradient. That forward-backward splitting is stable
+for every ``prior_scale``; see DESIGN.md ("Numerics learned the hard way").
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from skorch.callbacks import Callback, PassthroughScoring
+from skorch.dataset import ValidSplit
+from skorch.helper import SliceDataset
+from torch import nn
+
+from .backbones import backbone_from_meta, feature_dim_of
+from .data import Preprocess, TransformedDataset, prepare_images
+from .exceptions import ConfigError, DataError, PriorMismatchError, TrainingDivergedError
+from .penalty import PriorPenalty
+from .prior import Prior, PriorStructure, named_parameters_for
+
+__all__ = ["PriorRegularizedMixin", "PriorUpdate", "BackboneWithHead"]
+
+
+class PriorUpdate(str, Enum):
+    """How the prior term enters the parameter update.
+
+    - ``"auto"``: ``"proximal"`` when the optimizer is plain :class:`torch.optim.SGD`,
+      ``"gradient"`` otherwise (adaptive optimizers bound their own step sizes);
+    - ``"proximal"``: the low-rank correction through the gradient, the diagonal part as an exact
+      proximal step ``w <- m + (w - m) / (1 + lr / (N d))`` after every optimizer step. Stable for
+      every ``prior_scale``.
+    - ``"gradient"``: the whole prior term through the gradient, as the paper's code does. With
+      SGD it diverges once ``lr / (N min(d)) > 2``.
+    """
+
+    AUTO = "auto"
+    PROXIMAL = "proximal"
+    GRADIENT = "gradient"
+
+
+class BackboneWithHead(nn.Module):
+    """A backbone followed by a task head; the prior covers ``backbone`` only."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _check_choice(enum: type[Enum], value: Any, argument: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum)
+        raise ConfigError(f"{argument}={value!r} is not valid; expected one of {allowed}") from None
+
+
+def _check_positive(value: Any, argument: str, *, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool) \
+        and math.isfinite(float(value)) and (float(value) >= 0 if allow_zero else float(value) > 0)
+    if not ok:
+        expected = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{argument} must be a finite number {expected}, got {value!r}")
+    return float(value)
+
+
+class _FiniteWeightsGuard(Callback):
+    """Stop at the end of an epoch whose update left non-finite weights."""
+
+    def on_epoch_end(self, net, **kwargs):
+        for name, param in net.module_.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                raise TrainingDivergedError(
+                    f"parameter {name!r} became NaN/Inf in epoch {len(net.history)}; {net._divergence_advice()}")
+
+
+class PriorRegularizedMixin:
+    """Prior-regularised fine-tuning for a skorch net (put it before the net class).
+
+    Subclasses set the hyperparameters ``prior``, ``prior_scale``, ``prior_eps``,
+    ``prior_structure``, ``head_weight_decay``, ``prior_update``, ``factor_dtype`` and
+    ``preprocess`` in ``__init__`` and implement :meth:`_build_head` (and, for other kinds of
+    targets than class labels, the target handling).
+    """
+
+    # -- the prior ------------------------------------------------------------------------------
+    def _resolve_prior(self) -> Prior | None:
+        prior = self.prior
+        if prior is None or isinstance(prior, Prior):
+            return prior
+        if isinstance(prior, (str, Path)):
+            return Prior.load(prior)
+        raise ConfigError(f"prior must be a Prior, a path to a prior file or None, got {type(prior).__name__}")
+
+    def _structure(self) -> PriorStructure:
+        structure = _check_choice(PriorStructure, self.prior_structure, "prior_structure")
+        if self.prior is None:
+            # Without a prior there is nothing to regularise towards: plain fine-tuning.
+            return PriorStructure.NONE
+        return structure
+
+    def _check_prior_hyperparameters(self) -> None:
+        _check_positive(self.prior_scale, "prior_scale")
+        _check_positive(self.prior_eps, "prior_eps", allow_zero=True)
+        _check_positive(self.head_weight_decay, "head_weight_decay", allow_zero=True)
+        _check_choice(PriorUpdate, self.prior_update, "prior_update")
+        self._structure()
+        if self.prior is None and self.module is None:
+            raise ConfigError(f"{type(self).__name__} needs prior=... (a Prior or a prior file, from which the "
+                              "backbone is rebuilt) or module=... (your own network)")
+
+    # -- preprocessing --------------------------------------------------------------------------
+    def _fit_preprocess(self, X: Any) -> Preprocess | None:
+        """``preprocess_`` for this fit: as given, from the prior's metadata, or fitted on X."""
+        choice = self.preprocess
+        if choice is None or isinstance(choice, Preprocess):
+            return choice
+        if isinstance(choice, dict):
+            return Preprocess.from_meta(choice)
+        if choice != "auto":
+            raise ConfigError(f"preprocess={choice!r} is not valid; expected 'auto', None, a Preprocess or a dict "
+                              "like {'image_size': [H, W], 'channels': C, 'mean': [...], 'std': [...]}")
+        meta = self.prior_.meta.get("preprocess") if self.prior_ is not None else None
+        if meta:
+            return Preprocess.from_meta(meta, error=DataError)
+        if _is_array_like(X):
+            return Preprocess.fit(_reshape_rows(X, None))
+        return None
+
+    def _prepare_X(self, X: Any) -> Any:
+        """Images as a float32 tensor (arrays) or a lazily preprocessed dataset (datasets)."""
+        if isinstance(X, SliceDataset):
+            # GridSearchCV over a Dataset goes through SliceDataset; materialise the slice.
+            X = np.stack([np.asarray(x) for x in X])
+        if isinstance(X, torch.utils.data.Dataset):
+            return TransformedDataset(X, self.preprocess_)
+        return prepare_images(_reshape_rows(X, self.preprocess_), self.preprocess_)
+
+    # -- skorch hooks -----------------------------------------------------------------------------
+    def initialize_module(self):
+        """Build the default module (prior's backbone + new head) or the user's, then bind the prior."""
+        self._check_prior_hyperparameters()
+        self.prior_ = self._resolve_prior()
+        if self.module is None:
+            backbone = backbone_from_meta(self.prior_.meta)
+            _load_prior_state(backbone, self.prior_)
+            head = self._build_head(backbone)
+            self.module_ = BackboneWithHead(backbone, head)
+        else:
+            super().initialize_module()
+        self._bind_prior()
+        return self
+
+    def _bind_prior(self) -> None:
+        structure = self._structure()
+        covered: list[nn.Parameter] = []
+        self.penalty_ = None
+        if structure is not PriorStructure.NONE:
+            covered = [p for _, p in named_parameters_for(self.prior_, self.module_)]
+            self.penalty_ = PriorPenalty(self.prior_, scale=float(self.prior_scale), eps=float(self.prior_eps),
+                                         structure=structure, factor_dtype=_factor_dtype(self.factor_dtype))
+        ids = {id(p) for p in covered}
+        self.prior_params_ = covered
+        if self.module is None or structure is PriorStructure.NONE and self.prior is not None:
+            # The default module: everything outside the backbone is the new head.
+            head = [p for n, p in self.module_.named_parameters() if not n.startswith("backbone.")]
+        else:
+            head = [p for p in self.module_.parameters() if id(p) not in ids]
+        self.head_params_ = [p for p in head if id(p) not in ids]
+
+    def _update_rule(self) -> PriorUpdate:
+        rule = PriorUpdate(self.prior_update)
+        if rule is PriorUpdate.AUTO:
+            optimizer = getattr(self, "optimizer_", None)
+            return PriorUpdate.PROXIMAL if type(optimizer) is torch.optim.SGD else PriorUpdate.GRADIENT
+        return rule
+
+    def get_split_datasets(self, X, y=None, **fit_params):
+        self._check_split(y)
+        train, valid = super().get_split_datasets(X, y, **fit_params)
+        self.n_train_ = len(train)
+        return train, valid
+
+    def _check_split(self, y: Any) -> None:
+        split = self.train_split
+        if not isinstance(split, ValidSplit) or not split.stratified or y is None:
+            return
+        labels, counts = np.unique(_as_numpy(y).reshape(len(y), -1)[:, 0], return_counts=True)
+        cv = split.cv
+        needed = 2 if isinstance(cv, float) else int(cv)
+        if counts.min() < needed:
+            worst = labels[counts.argmin()]
+            if hasattr(self, "classes_") and np.issubdtype(np.asarray(worst).dtype, np.integer):
+                worst = self.classes_[int(worst)]
+            raise DataError(
+                f"a stratified validation split needs at least {needed} examples of every class, but class "
+                f"{worst!r} has {int(counts.min())}; train on all data (train_split=None, or no "
+                "--valid-fraction), add examples, or use a non-stratified split")
+
+    def get_loss(self, y_pred, y_true, X=None, training=False):
+        task = super().get_loss(y_pred, y_true, X=X, training=training)
+        if not training:
+            return task
+        n = max(int(getattr(self, "n_train_", 1)), 1)
+        prior_value = task.new_zeros(())
+        loss = task
+        if self.penalty_ is not None:
+            if self._update_rule() is PriorUpdate.PROXIMAL:
+                # Only the low-rank correction goes through the gradient; the diagonal part is the
+                # proximal step in train_step. The value added is the whole term, for the log.
+                explicit, prior_value = self.penalty_.split_terms(self.prior_params_)
+                loss = loss + explicit / n + (prior_value - explicit).detach() / n
+            else:
+                prior_value = self.penalty_(self.prior_params_)
+                loss = loss + prior_value / n
+        head_value = task.new_zeros(())
+        if self.head_weight_decay and self.head_params_:
+            head_value = 0.5 * float(self.head_weight_decay) * sum(p.pow(2).sum() for p in self.head_params_)
+            loss = loss + head_value / n
+        task_v, prior_v, head_v = (float(t.detach()) for t in (task, prior_value, head_value))
+        if not math.isfinite(float(loss.detach())):
+            raise TrainingDivergedError(
+                f"the training loss became {float(loss.detach())} in epoch {len(self.history)} (task loss "
+                f"{task_v:.4g}, prior term {prior_v / n:.4g}); {self._divergence_advice()}")
+        self.history.record_batch("task_loss", task_v)
+        self.history.record_batch("prior_nll", prior_v / n)
+        self.history.record_batch("head_nll", head_v / n)
+        return loss
+
+    def _divergence_advice(self) -> str:
+        rule = self._update_rule()
+        advice = "lower lr"
+        if self.penalty_ is not None and rule is PriorUpdate.GRADIENT:
+            advice += (", use optimizer=torch.optim.SGD with prior_update='proximal' (stable for every prior_scale), "
+                       "raise prior_scale or set prior_eps > 0")
+        return advice + "; no weights were kept from the diverged step"
+
+    def train_step(self, batch, **fit_params):
+        step = super().train_step(batch, **fit_params)
+        if self.penalty_ is not None and self._update_rule() is PriorUpdate.PROXIMAL:
+            self._proximal_step()
+        return step
+
+    @torch.no_grad()
+    def _proximal_step(self) -> None:
+        n = max(int(getattr(self, "n_train_", 1)), 1)
+        lr_of = {}
+        for group in self.optimizer_.param_groups:
+            for p in group["params"]:
+                lr_of[id(p)] = float(group["lr"])
+        steps = [lr_of.get(id(p), 0.0) / n for p in self.prior_params_]
+        self.penalty_.prox_diag_(self.prior_params_, steps)
+
+    @property
+    def _default_callbacks(self):
+        return [
+            *super()._default_callbacks,
+            ("task_loss", PassthroughScoring(name="task_loss", on_train=True)),
+            ("prior_nll", PassthroughScoring(name="prior_nll", on_train=True)),
+            ("finite_weights", _FiniteWeightsGuard()),
+        ]
+
+    # -- to implement --------------------------------------------------------------------------
+    def _build_head(self, backbone: nn.Module) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _example_input(self) -> torch.Tensor:
+        """A one-image batch in the preprocessed geometry, to measure a backbone's output."""
+        pre = getattr(self, "preprocess_", None)
+        shape = getattr(self, "input_shape_", None)
+        if shape is None:
+            raise ConfigError("the input shape is unknown before fit")
+        if pre is not None and pre.image_size is not None:
+            shape = (pre.channels, *pre.image_size)
+        return torch.zeros(1, *shape)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _factor_dtype(value: Any) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if value not in names:
+        raise ConfigError(f"factor_dtype={value!r} is not valid; expected None, 'float32', 'bfloat16' or 'float16'")
+    return names[value]
+
+
+def _load_prior_state(backbone: nn.Module, prior: Prior) -> None:
+    """Initialise a rebuilt backbone at the prior mean, with the prior's buffers."""
+    params = named_parameters_for(prior, backbone)
+    with torch.no_grad():
+        for (_, p), value in zip(params, prior.split(prior.mean).values()):
+            p.copy_(value)
+        own = dict(backbone.named_buffers())
+        for name, value in prior.buffers.items():
+            if name not in own:
+                raise PriorMismatchError(f"prior buffer {name!r} has no counterpart in the rebuilt backbone")
+            if own[name].shape != value.shape:
+                raise PriorMismatchError(f"prior buffer {name!r} has shape {tuple(value.shape)}, "
+                                         f"the backbone's has {tuple(own[name].shape)}")
+            own[name].copy_(value)
+
+
+def _is_array_like(X: Any) -> bool:
+    return isinstance(X, (np.ndarray, torch.Tensor, list, tuple))
+
+
+def _as_numpy(y: Any) -> np.ndarray:
+    if isinstance(y, torch.Tensor):
+        return y.detach().cpu().numpy()
+    return np.asarray(y)
+
+
+def _reshape_rows(X: Any, preprocess: Preprocess | None) -> Any:
+    """2-D input ``(N, F)``: images flattened to rows.
+
+    Reshaped to the prior's ``(C, H, W)`` when ``F`` matches it, else read as one-pixel-high
+    grey images ``(N, 1, 1, F)`` (so feature vectors and sklearn's own checks run).
+    """
+    if not isinstance(X, (np.ndarray, torch.Tensor)) or X.ndim != 2:
+        return X
+    n, f = X.shape
+    if preprocess is not None and preprocess.image_size is not None:
+        c, (h, w) = preprocess.channels, preprocess.image_size
+        if c * h * w == f:
+            return X.reshape(n, c, h, w)
+    return X.reshape(n, 1, 1, f)
