@@ -91,31 +91,28 @@ class _Precomputed:
 
 
 class _Mahalanobis(torch.autograd.Function):
-    """``0.5 r^T Sigma_tilde^{-1} r`` (or only the low-rank part ``-0.5 |W^T r|^2``)."""
+    """``0.5 r^T Sigma_tilde^{-1} r``; backward is the second streamed pass."""
 
     @staticmethod
-    def forward(ctx, penalty: "PriorPenalty", lowrank_only: bool, with_full: bool, *params: torch.Tensor):
+    def forward(ctx, penalty: "PriorPenalty", *params: torch.Tensor) -> torch.Tensor:
         pre = penalty._precomputed(params)
-        z, diag_sum = penalty._first_pass(pre, params, need_diag=with_full or not lowrank_only)
-        zz = torch.dot(z, z)
-        value = (-zz if lowrank_only else diag_sum - zz) * 0.5
-        if with_full:
-            # The whole term's value beside the low-rank part's differentiable one (for logging).
-            full = ((diag_sum - zz) * 0.5).to(params[0].dtype)
-            ctx.mark_non_differentiable(full)
-        ctx.penalty, ctx.lowrank_only, ctx.pre = penalty, lowrank_only, pre
+        z, diag_sum = penalty._first_pass(pre, params)
+        # Combine in float64: the two sums nearly cancel along the prior's low-rank directions.
+        z64 = z.to(torch.float64)
+        value = (diag_sum.to(torch.float64) - torch.dot(z64, z64)) * 0.5
+        ctx.penalty, ctx.pre = penalty, pre
         # The first pass left r / d in a buffer the backward reuses, unless a later evaluation
         # overwrote it (then the backward recomputes it from the saved weights).
         ctx.generation = pre.generation
         ctx.save_for_backward(z, *params)
-        return (value.to(params[0].dtype), full) if with_full else value.to(params[0].dtype)
+        return value.to(params[0].dtype)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor, *unused: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor):
         z, *params = ctx.saved_tensors
-        reuse = ctx.generation == ctx.pre.generation and not ctx.lowrank_only
-        grads = ctx.penalty._second_pass(ctx.pre, params, z, grad_output.to(z.dtype), ctx.lowrank_only, reuse)
-        return (None, None, None, *grads)
+        reuse = ctx.generation == ctx.pre.generation
+        grads = ctx.penalty._second_pass(ctx.pre, params, z, grad_output.to(z.dtype), reuse)
+        return (None, *grads)
 
 
 class PriorPenalty:
@@ -266,7 +263,7 @@ class PriorPenalty:
             return w_t
         return scratch[:, :chunk.stop - chunk.start].copy_(w_t)
 
-    def _first_pass(self, pre: _Precomputed, params: Sequence[torch.Tensor], *, need_diag: bool):
+    def _first_pass(self, pre: _Precomputed, params: Sequence[torch.Tensor]):
         plan = self._plan(params)
         flat = [p.detach().reshape(-1) for p in params]
         k, dtype, device = self.prior.rank, pre.dtype, pre.device
@@ -276,24 +273,22 @@ class PriorPenalty:
         scratch_f = torch.empty(k, size, dtype=dtype, device=device) if pre.w_t.dtype != dtype and k else None
         zs = torch.zeros(len(plan), k, dtype=dtype, device=device)
         diag = torch.zeros(len(plan), dtype=dtype, device=device)
-        if need_diag:
-            pre.generation += 1
-            if pre.rd.numel() != self.prior.n_params:
-                pre.rd = torch.empty(self.prior.n_params, dtype=dtype, device=device)
+        pre.generation += 1
+        if pre.rd.numel() != self.prior.n_params:
+            pre.rd = torch.empty(self.prior.n_params, dtype=dtype, device=device)
         for i, chunk in enumerate(plan):
             n = chunk.stop - chunk.start
             w = self._gather(chunk, flat, scratch_w)
             rc = torch.sub(w, pre.mean[chunk.start:chunk.stop], out=r[:n])
-            if need_diag:
-                rd = torch.mul(rc, pre.inv_d[chunk.start:chunk.stop], out=pre.rd[chunk.start:chunk.stop])
-                torch.dot(rc, rd, out=diag[i])
+            rd = torch.mul(rc, pre.inv_d[chunk.start:chunk.stop], out=pre.rd[chunk.start:chunk.stop])
+            torch.dot(rc, rd, out=diag[i])
             if k:
                 torch.mv(self._factor_chunk(pre, chunk, scratch_f), rc, out=zs[i])
         # Per-chunk partial sums, added once: fewer rounding steps and no device syncs in the loop.
-        return zs.sum(0), diag.sum()
+        return zs.sum(0), diag.sum(dtype=torch.float64)
 
     def _second_pass(self, pre: _Precomputed, params: Sequence[torch.Tensor], z: torch.Tensor,
-                     grad_output: torch.Tensor, lowrank_only: bool, reuse: bool) -> list[torch.Tensor]:
+                     grad_output: torch.Tensor, reuse: bool) -> list[torch.Tensor]:
         plan = self._plan(params)
         flat = [p.detach().reshape(-1) for p in params]
         k, dtype, device = self.prior.rank, pre.dtype, pre.device
@@ -314,9 +309,7 @@ class PriorPenalty:
                 g = flat_grads[piece.param][piece.start:piece.stop]
             else:
                 g = scratch_g[:n]
-            if lowrank_only:
-                g.zero_()
-            elif reuse:
+            if reuse:
                 torch.mul(pre.rd[chunk.start:chunk.stop], grad_output, out=g)
             else:
                 w = self._gather(chunk, flat, scratch_w)
@@ -344,20 +337,7 @@ class PriorPenalty:
 
     def __call__(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """``0.5 * r^T Sigma_tilde^{-1} r`` (differentiable in ``params``)."""
-        return _Mahalanobis.apply(self, False, False, *params)
-
-    def lowrank_term(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Only the Woodbury correction ``-0.5 |W^T r|^2`` (differentiable).
-
-        Together with :meth:`prox_diag_` it splits the penalty into an explicit low-rank step and
-        an exact implicit step on the diagonal; that splitting is stable for every scale.
-        """
-        return _Mahalanobis.apply(self, True, False, *params)
-
-    def split_terms(self, params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lowrank_term(params), value)`` from one pass: the differentiable low-rank
-        correction for the gradient and the whole term's value (not differentiable), for logs."""
-        return _Mahalanobis.apply(self, True, True, *params)
+        return _Mahalanobis.apply(self, *params)
 
     def log_prob(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """The full log-density ``log N(w; mean, Sigma_tilde)``, with log-determinant and ``2 pi``."""
@@ -375,23 +355,89 @@ class PriorPenalty:
         return float(self._inv_d64.max()) if self.prior.n_params else 0.0
 
     @torch.no_grad()
-    def prox_diag_(self, params: Sequence[torch.Tensor], step: float | Sequence[float]) -> None:
-        """Exact proximal step on the diagonal part, in place.
+    def prox_(self, params: Sequence[torch.Tensor], step: float | Sequence[float]) -> float:
+        """Exact proximal step of the whole term, in place; returns its value at the new weights.
 
-        Solves ``argmin_v 0.5 * step * (v - m)^T diag(1/d) (v - m) + 0.5 |v - w|^2`` elementwise:
-        ``v = m + (w - m) / (1 + step / d)``. It contracts towards the mean for every
-        ``step >= 0``, however stiff the prior, where an explicit gradient step would diverge once
-        ``step / d > 2``.
+        With ``S = diag(step)`` (one step per parameter tensor, e.g. ``lr / N``) it replaces
+        ``w`` by ``argmin_v 0.5 (v - m)^T P (v - m) + 0.5 (v - w)^T S^{-1} (v - w)``, with
+        ``P = Sigma_tilde^{-1} = diag(1/d) - W W^T``:
+
+            v - m = (S^{-1} + P)^{-1} S^{-1} r = u + B^{-1} W (I - W^T B^{-1} W)^{-1} W^T u,
+            u = r / (1 + s / d),   B^{-1} = s d / (d + s)
+
+        (Woodbury again; the K x K matrix is factorised in float64 once per set of steps). It is
+        two streamed passes over ``W``, like value plus gradient, and unlike an explicit gradient
+        step it is stable for every prior scale and step: a proximal map of a convex quadratic
+        never expands distances. The returned ``0.5 (v - m)^T P (v - m)`` comes from the same passes.
         """
-        pre = self._precomputed(params)
         self._check(params)
+        pre = self._precomputed(params)
+        plan = self._plan(params)
+        shrink, b_inv, chol, gram = self._prox_terms(pre, params, step)
+        k, dtype, device = self.prior.rank, pre.dtype, pre.device
+        size = max(c.stop - c.start for c in plan)
+        scratch_w = torch.empty(size, dtype=dtype, device=device)
+        r = torch.empty(size, dtype=dtype, device=device)
+        scratch_f = torch.empty(k, size, dtype=dtype, device=device) if pre.w_t.dtype != dtype and k else None
+        if pre.rd.numel() != self.prior.n_params:
+            pre.rd = torch.empty(self.prior.n_params, dtype=dtype, device=device)
+        pre.generation += 1  # the buffer now holds u, not r / d
+        flat = [p.detach().reshape(-1) for p in params]
+        ts = torch.zeros(len(plan), k, dtype=dtype, device=device)
+        for i, chunk in enumerate(plan):
+            n = chunk.stop - chunk.start
+            rc = torch.sub(self._gather(chunk, flat, scratch_w), pre.mean[chunk.start:chunk.stop], out=r[:n])
+            u = torch.mul(rc, shrink[chunk.start:chunk.stop], out=pre.rd[chunk.start:chunk.stop])
+            if k:
+                torch.mv(self._factor_chunk(pre, chunk, scratch_f), u, out=ts[i])
+        t = ts.sum(0).to(torch.float64)
+        c = torch.cholesky_solve(t.unsqueeze(1), chol).squeeze(1) if k else t
+        c_dev = c.to(device=device, dtype=dtype)
+        diag = torch.zeros(len(plan), dtype=dtype, device=device)
+        for i, chunk in enumerate(plan):
+            n = chunk.stop - chunk.start
+            rv = r[:n].copy_(pre.rd[chunk.start:chunk.stop])
+            if k:
+                step_c = torch.mv(self._factor_chunk(pre, chunk, scratch_f).T, c_dev)
+                rv.addcmul_(step_c, b_inv[chunk.start:chunk.stop])
+            torch.dot(rv, rv * pre.inv_d[chunk.start:chunk.stop], out=diag[i])
+            new = rv.add_(pre.mean[chunk.start:chunk.stop])
+            pos = 0
+            for piece in chunk.pieces:
+                m = piece.stop - piece.start
+                flat[piece.param][piece.start:piece.stop].copy_(new[pos:pos + m])
+                pos += m
+        z = t + gram @ c if k else t  # W^T (v - m), from K x K algebra instead of a third pass
+        return float(0.5 * (diag.sum().to(torch.float64) - z.dot(z)))
+
+    def _prox_terms(self, pre: _Precomputed, params: Sequence[torch.Tensor], step: float | Sequence[float]):
+        if isinstance(step, torch.Tensor) and step.dim() == 0:
+            step = float(step)
         steps = [float(step)] * len(params) if isinstance(step, (int, float)) else [float(s) for s in step]
         if len(steps) != len(params) or any(not math.isfinite(s) or s < 0 for s in steps):
-            raise ConfigError(f"step must be a finite number >= 0 or one per parameter, got {step!r}")
-        offset = 0
-        for p, step_p in zip(params, steps):
-            n = p.numel()
-            m = pre.mean[offset:offset + n].view_as(p)
-            shrink = torch.reciprocal(pre.inv_d[offset:offset + n].view_as(p) * step_p + 1)
-            p.sub_(m.to(p.dtype)).mul_(shrink.to(p.dtype)).add_(m.to(p.dtype))
-            offset += n
+            raise ConfigError(f"step must be a finite number >= 0, or one per parameter tensor, got {step!r}")
+        key = (pre.device, pre.dtype, tuple(steps))
+        cached = getattr(self, "_prox_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        s = torch.cat([torch.full((p.numel(),), v, dtype=torch.float64) for p, v in zip(params, steps)])
+        d = 1.0 / self._inv_d64
+        shrink64 = 1.0 / (1.0 + s * self._inv_d64)
+        b_inv64 = s * d / (d + s)
+        k = self.prior.rank
+        gram = torch.zeros(k, k, dtype=torch.float64)
+        # I - gram, formed without cancellation: W^T diag(d) W = I - L^{-1} L^{-T}, so
+        # I - W^T B^{-1} W = L^{-1} L^{-T} + W^T diag(d^2 / (d + s)) W, a sum of positive definite
+        # terms. Subtracting gram from I directly loses all digits once step >> d (stiff priors).
+        l_inv = torch.linalg.solve_triangular(self._chol, torch.eye(k, dtype=torch.float64), upper=False)
+        system = l_inv @ l_inv.T
+        rest64 = d * d / (d + s)
+        step_size = DEFAULT_CHUNK_SIZE * 8
+        for start in range(0, self.prior.n_params if k else 0, step_size):
+            w = pre.w_t[:, start:start + step_size].to("cpu", torch.float64)
+            gram += (w * b_inv64[start:start + step_size]) @ w.T
+            system += (w * rest64[start:start + step_size]) @ w.T
+        chol = torch.linalg.cholesky(system) if k else gram
+        terms = (shrink64.to(pre.device, pre.dtype), b_inv64.to(pre.device, pre.dtype), chol, gram)
+        self._prox_cache = (key, terms)
+        return terms

@@ -511,7 +511,8 @@ class Prior:
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise PriorFormatError(f"'{paths['model']}' is not a state_dict of tensors")
-        state = {_strip_wrapper_prefix(k): v for k, v in state.items() if not k.startswith("fc.")}
+        # Strip wrapper prefixes before dropping the head, so ``module.fc.*`` is dropped too.
+        state = {k: v for k, v in ((_strip_wrapper_prefix(k), v) for k, v in state.items()) if not k.startswith("fc.")}
         tensors = {}
         for part in ("mean", "variance", "covmat"):
             t = safe_torch_load(paths[part], what=f"official {part} file")

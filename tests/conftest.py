@@ -1,0 +1,180 @@
+"""Shared fixtures: small random priors and official-format prior files, seeds fixed.
+
+- ``random_prior(shapes, rank=..., seed=...)``: a :class:`Prior` over a few hundred parameters
+  whose low-rank part matters (the factor's rows are of the size of the diagonal's spread);
+- ``mlp``: a tiny ``nn.Sequential`` whose parameter shapes are :data:`MLP_SHAPES`;
+- ``official_prior``: writes the four files of the paper repository's format
+  (``<prefix>_model.pt``, ``_mean.pt``, ``_variance.pt``, ``_covmat.pt``) for a small ResNet-like
+  module, from simulated SWAG snapshots, and returns the prefix with the raw ingredients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+from sklearn_bayes_transfer import Prior
+
+__all__ = ["MLP_SHAPES", "OfficialFiles", "TinyResNet", "make_mlp", "make_random_prior"]
+
+#: Shapes of ``make_mlp()``'s parameters: Linear(3, 4), Linear(4, 5), Linear(5, 2).
+MLP_SHAPES = ((4, 3), (4,), (5, 4), (5,), (2, 5), (2,))
+MLP_NAMES = ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias")
+
+
+def make_mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """``Linear(3, 4) - ReLU - Linear(4, 5) - ReLU - Linear(5, 2)``: 53 parameters in 6 tensors."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    return net.to(dtype)
+
+
+def make_random_prior(
+    shapes: Sequence[Sequence[int]] = MLP_SHAPES,
+    *,
+    rank: int = 3,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+    factor_dtype: torch.dtype = torch.float32,
+    variance_range: tuple[float, float] = (1e-3, 1e-1),
+    factor_scale: float = 1.0,
+    mean_scale: float = 0.5,
+    buffers: dict[str, torch.Tensor] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Prior:
+    """A random prior: log-uniform variances, factor rows ``~ factor_scale * sqrt(variance)``.
+
+    Scaling the factor with the diagonal's spread keeps the low-rank part of the covariance
+    comparable to the diagonal one, so tests that compare structures see a real difference.
+    """
+    g = torch.Generator().manual_seed(seed)
+    shapes = [tuple(s) for s in shapes]
+    d = sum(math.prod(s) for s in shapes)
+    lo, hi = (math.log(v) for v in variance_range)
+    variance = torch.exp(lo + (hi - lo) * torch.rand(d, generator=g, dtype=torch.float64)).float()
+    mean = mean_scale * torch.randn(d, generator=g)
+    factor = factor_scale * torch.randn(rank, d, generator=g) * variance.sqrt()
+    if names is None:
+        names = MLP_NAMES if shapes == list(MLP_SHAPES) else [f"layer{i}.weight" for i in range(len(shapes))]
+    info = {"backbone": "test-mlp", "method": "swag", "rank": rank}
+    info.update(meta or {})
+    return Prior(mean, variance, factor.to(factor_dtype), names=names, shapes=shapes, buffers=buffers, meta=info)
+
+
+@pytest.fixture
+def random_prior() -> Callable[..., Prior]:
+    """Factory of small random priors (see :func:`make_random_prior`)."""
+    return make_random_prior
+
+
+@pytest.fixture
+def mlp() -> nn.Sequential:
+    """A tiny float32 MLP whose parameters match ``random_prior()``'s default shapes."""
+    return make_mlp()
+
+
+# -- the official repository's four-file format -------------------------------------------------
+class _Block(nn.Module):
+    """A torchvision-style BasicBlock, so state_dict keys look like ``layer1.0.conv1.weight``."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class TinyResNet(nn.Module):
+    """ResNet layout at toy width (about 5,000 parameters); ``fc`` optional like ``fc = Identity``."""
+
+    def __init__(self, with_fc: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = nn.Sequential(_Block(8, 8, 1))
+        self.layer2 = nn.Sequential(_Block(8, 16, 2))
+        self.fc = nn.Linear(16, 10) if with_fc else nn.Identity()
+
+
+@dataclass
+class OfficialFiles:
+    """What :func:`official_prior` wrote, and the ingredients to check an import against."""
+
+    prefix: Path
+    model: TinyResNet
+    mean: torch.Tensor  # float32 (D,), parameters() order, fc excluded
+    variance: torch.Tensor  # SWAG diagonal as written
+    deviations: torch.Tensor  # raw K x D deviation rows (before any normalisation)
+    covmat: torch.Tensor  # as written: raw or divided by sqrt(K - 1)
+    backbone_names: list[str]
+
+
+def _simulate_swag(w0: torch.Tensor, rank: int, n_snapshots: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """SWAG moments of ``n_snapshots`` iterates around ``w0``, in float64 as SWAG must.
+
+    Each weight has its own spread (log-uniform over two decades); the last ``rank``
+    deviations are taken from the running mean at collection time, as SWAG collects them.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d = w0.numel()
+    spread = torch.exp(torch.empty(d, dtype=torch.float64).uniform_(math.log(1e-3), math.log(1e-1), generator=g))
+    snaps = w0.double() + spread * torch.randn(n_snapshots, d, generator=g, dtype=torch.float64)
+    counts = torch.arange(1, n_snapshots + 1, dtype=torch.float64)[:, None]
+    running_mean = snaps.cumsum(0) / counts
+    mean = running_mean[-1]
+    diag = ((snaps ** 2).mean(0) - mean ** 2).clamp_min(1e-8)
+    deviations = snaps[-rank:] - running_mean[-rank:]
+    return mean.float(), diag.float(), deviations.float(), snaps[-1].float()
+
+
+@pytest.fixture
+def official_prior(tmp_path: Path) -> Callable[..., OfficialFiles]:
+    """Factory writing an official-format prior; arguments choose K, normalisation, fc, mismatch."""
+
+    def make(
+        *,
+        rank: int = 5,
+        normalized: bool = False,
+        with_fc: bool = False,
+        model_holds_last_iterate: bool = False,
+        n_snapshots: int = 40,
+        seed: int = 0,
+        name: str = "official",
+    ) -> OfficialFiles:
+        torch.manual_seed(seed)
+        model = TinyResNet(with_fc=with_fc)
+        backbone = [(n, p) for n, p in model.named_parameters() if not n.startswith("fc.")]
+        w0 = torch.cat([p.detach().reshape(-1) for _, p in backbone])
+        mean, diag, deviations, last = _simulate_swag(w0, rank, n_snapshots, seed)
+        with torch.no_grad():
+            # The model file holds the SWAG mean (or, for the mismatch case, the last iterate),
+            # and BatchNorm statistics that are not the defaults, so their import is visible.
+            source = last if model_holds_last_iterate else mean
+            offset = 0
+            for _, p in backbone:
+                p.copy_(source[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+            for mod in model.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.running_mean.normal_(0, 0.3)
+                    mod.running_var.uniform_(0.5, 2.0)
+                    mod.num_batches_tracked.fill_(1234)
+        covmat = deviations / math.sqrt(rank - 1) if normalized else deviations
+        prefix = tmp_path / name
+        torch.save(model.state_dict(), f"{prefix}_model.pt")
+        torch.save(mean.clone(), f"{prefix}_mean.pt")
+        torch.save(diag.clone(), f"{prefix}_variance.pt")
+        torch.save(covmat.clone(), f"{prefix}_covmat.pt")
+        return OfficialFiles(prefix, model, mean, diag, deviations, covmat, [n for n, _ in backbone])
+
+    return make
