@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 from skorch import NeuralNetClassifier
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import column_or_1d
 from torch import nn
 
 from .backbones import feature_dim_of
@@ -56,6 +58,29 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
     preprocess : "auto", None, Preprocess or dict, default="auto"
         Input preprocessing. ``"auto"`` applies the prior's recorded preprocessing (resize,
         grey/RGB, normalisation), or one fitted on the training data if the prior has none.
+    inference : {"map", "swag", "sgld"}, default="map"
+        ``"map"``: predict with the fitted weights. ``"swag"``: collect a SWAG posterior over the
+        whole network during the last part of fine-tuning and average ``predict_proba`` over
+        ``n_samples`` draws from it. ``"sgld"``: run stochastic-gradient Langevin dynamics on the
+        same loss over the last part, with a cyclical step size, and average over ``n_samples``
+        iterates. See :mod:`sklearn_bayes_transfer.bayes`.
+    n_samples : int, default=20
+        Posterior samples averaged by ``predict_proba`` (SWAG draws or SGLD iterates).
+    sample_start : float, default=0.5
+        Fraction of ``max_epochs`` trained before SWAG collection or SGLD sampling starts.
+    sample_every : int, default=1
+        Epochs between SWAG snapshots or SGLD samples.
+    temperature : float, default=1.0
+        SGLD temperature ``T >= 0``: 1 samples the posterior, < 1 a cold posterior, 0 adds no noise.
+    sgld_cycles : int, default=4
+        Cosine step size cycles over the SGLD phase; samples come from the low half of each.
+    sample_lr : float, optional
+        Learning rate of SWAG collection, and the top of SGLD's cycles (default: ``lr``).
+    inference_device : str, default="cpu"
+        Where the samples (``samples_``, float32 ``(n_samples, n_parameters)``) are kept.
+    random_state : int, optional
+        Seeds the SGLD noise and the SWAG draws (``None``: drawn from torch's global generator,
+        so ``torch.manual_seed`` makes a fit reproducible).
     criterion, optimizer, lr, max_epochs, batch_size, train_split, callbacks, device, ...
         As in :class:`skorch.NeuralNetClassifier`. ``train_split`` defaults to ``None``: ``fit``
         trains on all the data it gets, as scikit-learn estimators do.
@@ -72,6 +97,12 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         Number of training examples of the last fit (the ``N`` of the loss).
     module_ : nn.Module
         The fitted network.
+    samples_ : torch.Tensor
+        With ``inference`` ``"swag"`` or ``"sgld"``: the posterior samples, float32 of shape
+        ``(n_samples, n_parameters)`` over ``module_.parameters()``, on ``inference_device``.
+    sample_buffers_ : torch.Tensor
+        The BatchNorm running statistics recomputed for each sample on (up to 2,048 of) the
+        training inputs, ``(n_samples, n_statistics)``.
 
     Examples
     --------
@@ -101,6 +132,15 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         prior_update: str = "auto",
         factor_dtype: str | None = None,
         preprocess: Any = "auto",
+        inference: str = "map",
+        n_samples: int = 20,
+        sample_start: float = 0.5,
+        sample_every: int = 1,
+        temperature: float = 1.0,
+        sgld_cycles: int = 4,
+        sample_lr: float | None = None,
+        inference_device: str = "cpu",
+        random_state: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(module, *args, criterion=criterion, train_split=train_split, classes=classes, **kwargs)
@@ -112,6 +152,15 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         self.prior_update = prior_update
         self.factor_dtype = factor_dtype
         self.preprocess = preprocess
+        self.inference = inference
+        self.n_samples = n_samples
+        self.sample_start = sample_start
+        self.sample_every = sample_every
+        self.temperature = temperature
+        self.sgld_cycles = sgld_cycles
+        self.sample_lr = sample_lr
+        self.inference_device = inference_device
+        self.random_state = random_state
 
     # -- labels ------------------------------------------------------------------------------------
     @property
@@ -139,11 +188,18 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         if isinstance(X, torch.utils.data.Dataset) and y is None:
             y = _dataset_labels(X)
         if y is None:
-            raise DataError("y is required: pass class labels, or a Dataset that yields (image, label) pairs")
-        labels = _as_numpy(y).reshape(-1)
+            raise DataError(f"{type(self).__name__} requires y to be passed, but the target y is None; pass "
+                            "class labels, or a Dataset that yields (image, label) pairs")
+        labels = _as_numpy(y)
+        # (N, 1) is accepted with sklearn's DataConversionWarning; "continuous" targets are refused.
+        labels = column_or_1d(labels, warn=True) if labels.ndim == 2 and labels.shape[1] == 1 else labels.reshape(-1)
+        try:
+            check_classification_targets(labels)
+        except ValueError as exc:
+            raise DataError(f"y: {exc}") from None
         classes = np.asarray(self.classes) if self.classes is not None else np.unique(labels)
         if len(classes) < 2:
-            raise DataError(f"y has a single class ({classes.tolist()}); a classifier needs at least two")
+            raise DataError(f"y has only one class ({classes.tolist()}); a classifier needs at least two")
         self.classes_fitted_ = classes
         self.classes_inferred_ = classes
         return labels
@@ -151,13 +207,14 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
     # -- sklearn / skorch entry points ------------------------------------------------------------
     def fit(self, X, y=None, **fit_params):
         """Fine-tune on images ``X`` (arrays (N,H,W) / (N,C,H,W), or a Dataset) and labels ``y``."""
-        if not self.warm_start or not getattr(self, "initialized_", False):
+        fresh = not self.warm_start or not getattr(self, "initialized_", False)
+        X = self._validate_X(X, reset=fresh)
+        if fresh:
             y = self._fit_labels(X, y)
             self._check_prior_hyperparameters()
             self.prior_ = self._resolve_prior()
             self.preprocess_ = self._fit_preprocess(X)
         Xt, yt = self._prepare_Xy(X, y)
-        self.n_features_in_ = int(np.prod(np.shape(X)[1:])) if isinstance(X, (np.ndarray, torch.Tensor)) else None
         self.input_shape_ = tuple(Xt[0][0].shape if isinstance(Xt, torch.utils.data.Dataset) else Xt.shape[1:])
         self._in_fit_ = True
         try:
@@ -170,6 +227,7 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
             return super().partial_fit(X, y, classes=classes, **fit_params)
         if not getattr(self, "initialized_", False):
             return self.fit(X, y, **fit_params)
+        X = self._validate_X(X, reset=False)
         return super().partial_fit(*self._prepare_Xy(X, y), classes=classes, **fit_params)
 
     def _prepare_Xy(self, X: Any, y: Any) -> tuple[Any, torch.Tensor]:
@@ -186,11 +244,12 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities, columns in the order of ``classes_``."""
         self._check_fitted()
-        return super().predict_proba(self._prepare_X(X))
+        return super().predict_proba(self._prepare_X(self._validate_X(X, reset=False)))
 
     def predict(self, X) -> np.ndarray:
         """Predicted labels (values of ``classes_``)."""
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)  # first: it raises NotFittedError before classes_ exists
+        return self.classes_[proba.argmax(axis=1)]
 
     def _check_fitted(self) -> None:
         from sklearn.exceptions import NotFittedError

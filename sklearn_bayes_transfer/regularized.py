@@ -10,9 +10,9 @@ to the task loss in :meth:`get_loss`, so the training loss is one negative log-p
 example. Both terms are logged in ``history`` beside ``task_loss``.
 
 The prior term is stiff (its curvature reaches ``1 / (N * min(d))``), so by default, with plain
-SGD, its diagonal part is applied as an exact proximal step after each optimizer step and only
-the low-rank correction goes through the gradient. That forward-backward splitting is stable
-for every ``prior_scale``; see DESIGN.md ("Numerics learned the hard way").
+SGD, it is applied as an exact proximal step after each optimizer step instead of through the
+gradient. That forward-backward splitting is stable for every ``prior_scale``; see DESIGN.md
+("Numerics learned the hard way").
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.utils import check_array
 from skorch.callbacks import Callback, PassthroughScoring
 from skorch.dataset import ValidSplit
 from skorch.helper import SliceDataset
 from torch import nn
 
 from .backbones import backbone_from_meta, feature_dim_of
+from .bayes import BayesianInferenceMixin
 from .data import Preprocess, TransformedDataset, prepare_images
 from .exceptions import ConfigError, DataError, PriorMismatchError, TrainingDivergedError
 from .penalty import PriorPenalty
@@ -43,9 +45,10 @@ class PriorUpdate(str, Enum):
 
     - ``"auto"``: ``"proximal"`` when the optimizer is plain :class:`torch.optim.SGD`,
       ``"gradient"`` otherwise (adaptive optimizers bound their own step sizes);
-    - ``"proximal"``: the low-rank correction through the gradient, the diagonal part as an exact
-      proximal step ``w <- m + (w - m) / (1 + lr / (N d))`` after every optimizer step. Stable for
-      every ``prior_scale``.
+    - ``"proximal"``: the optimizer steps on the task loss (and head term); after every step the
+      prior term is applied as an exact proximal step with step size ``lr / N`` (see
+      :meth:`~sklearn_bayes_transfer.penalty.PriorPenalty.prox_`). Stable for every
+      ``prior_scale``, with or without momentum, since momentum only carries the task gradient.
     - ``"gradient"``: the whole prior term through the gradient, as the paper's code does. With
       SGD it diverges once ``lr / (N min(d)) > 2``.
     """
@@ -94,13 +97,15 @@ class _FiniteWeightsGuard(Callback):
                     f"parameter {name!r} became NaN/Inf in epoch {len(net.history)}; {net._divergence_advice()}")
 
 
-class PriorRegularizedMixin:
+class PriorRegularizedMixin(BayesianInferenceMixin):
     """Prior-regularised fine-tuning for a skorch net (put it before the net class).
 
     Subclasses set the hyperparameters ``prior``, ``prior_scale``, ``prior_eps``,
     ``prior_structure``, ``head_weight_decay``, ``prior_update``, ``factor_dtype`` and
     ``preprocess`` in ``__init__`` and implement :meth:`_build_head` (and, for other kinds of
-    targets than class labels, the target handling).
+    targets than class labels, the target handling). Bayesian inference (``inference``,
+    ``n_samples``, ... : SWAG or SGLD samples and model averaging in ``predict_proba``) comes from
+    :class:`~sklearn_bayes_transfer.bayes.BayesianInferenceMixin`, whose hyperparameters they set too.
     """
 
     # -- the prior ------------------------------------------------------------------------------
@@ -124,6 +129,7 @@ class PriorRegularizedMixin:
         _check_positive(self.prior_eps, "prior_eps", allow_zero=True)
         _check_positive(self.head_weight_decay, "head_weight_decay", allow_zero=True)
         _check_choice(PriorUpdate, self.prior_update, "prior_update")
+        self._check_inference_hyperparameters()
         self._structure()
         if self.prior is None and self.module is None:
             raise ConfigError(f"{type(self).__name__} needs prior=... (a Prior or a prior file, from which the "
@@ -147,6 +153,30 @@ class PriorRegularizedMixin:
             return Preprocess.fit(_reshape_rows(X, None))
         return None
 
+    def _validate_X(self, X: Any, *, reset: bool) -> Any:
+        """Array-likes (lists, pandas, object arrays) as numeric numpy arrays; tensors and Datasets as given.
+
+        scikit-learn's ``check_array`` refuses sparse, complex, empty and NaN/inf input with its
+        usual messages (``ValueError`` becomes :class:`DataError`). ``reset=True`` records
+        ``n_features_in_`` (elements per example); otherwise 2-D rows must have that many columns.
+        """
+        if isinstance(X, torch.utils.data.Dataset):
+            if reset:
+                self.__dict__.pop("n_features_in_", None)
+            return X
+        if not isinstance(X, torch.Tensor):
+            try:
+                X = check_array(X, accept_sparse=False, dtype="numeric", allow_nd=True, ensure_all_finite=True)
+            except ValueError as exc:
+                raise DataError(f"X: {exc}") from None
+        n_features = int(np.prod(X.shape[1:])) if X.ndim >= 2 else None
+        if reset:
+            self.n_features_in_ = n_features
+        elif X.ndim == 2 and getattr(self, "n_features_in_", None) not in (None, n_features):
+            raise DataError(f"X has {n_features} features, but {type(self).__name__} is expecting "
+                            f"{self.n_features_in_} features as input (rows of a 2-D X are flattened images)")
+        return X
+
     def _prepare_X(self, X: Any) -> Any:
         """Images as a float32 tensor (arrays) or a lazily preprocessed dataset (datasets)."""
         if isinstance(X, SliceDataset):
@@ -164,8 +194,7 @@ class PriorRegularizedMixin:
         if self.module is None:
             backbone = backbone_from_meta(self.prior_.meta)
             _load_prior_state(backbone, self.prior_)
-            head = self._build_head(backbone)
-            self.module_ = BackboneWithHead(backbone, head)
+            self.module_ = self._assemble_module(backbone, self._build_head(backbone))
         else:
             super().initialize_module()
         self._bind_prior()
@@ -226,10 +255,10 @@ class PriorRegularizedMixin:
         loss = task
         if self.penalty_ is not None:
             if self._update_rule() is PriorUpdate.PROXIMAL:
-                # Only the low-rank correction goes through the gradient; the diagonal part is the
-                # proximal step in train_step. The value added is the whole term, for the log.
-                explicit, prior_value = self.penalty_.split_terms(self.prior_params_)
-                loss = loss + explicit / n + (prior_value - explicit).detach() / n
+                # The prior acts through the proximal step in train_step; its value is added for
+                # the log (and train_loss) without a gradient.
+                prior_value = task.new_tensor(self._current_prior_value())
+                loss = loss + prior_value / n
             else:
                 prior_value = self.penalty_(self.prior_params_)
                 loss = loss + prior_value / n
@@ -269,7 +298,26 @@ class PriorRegularizedMixin:
             for p in group["params"]:
                 lr_of[id(p)] = float(group["lr"])
         steps = [lr_of.get(id(p), 0.0) / n for p in self.prior_params_]
-        self.penalty_.prox_diag_(self.prior_params_, steps)
+        value = self.penalty_.prox_(self.prior_params_, steps)
+        self._prior_value_cache_ = (self._param_versions(), value)
+
+    def _langevin_prox(self) -> tuple[PriorPenalty, list[nn.Parameter]] | None:
+        """The penalty whose proximal step follows every optimizer step, and what it covers (SGLD
+        shapes its noise for that step; see :mod:`~sklearn_bayes_transfer.bayes`)."""
+        if self.penalty_ is not None and self._update_rule() is PriorUpdate.PROXIMAL:
+            return self.penalty_, self.prior_params_
+        return None
+
+    def _param_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.prior_params_)
+
+    def _current_prior_value(self) -> float:
+        """The prior term at the current weights: the proximal step's, unless they changed since."""
+        cached = getattr(self, "_prior_value_cache_", None)
+        if cached is not None and cached[0] == self._param_versions():
+            return cached[1]
+        with torch.no_grad():
+            return float(self.penalty_(self.prior_params_))
 
     @property
     def _default_callbacks(self):
@@ -283,6 +331,22 @@ class PriorRegularizedMixin:
     # -- to implement --------------------------------------------------------------------------
     def _build_head(self, backbone: nn.Module) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def _assemble_module(cls, backbone: nn.Module, head: nn.Module) -> nn.Module:
+        """The default network from the rebuilt backbone and the new head.
+
+        It must keep the backbone as its ``backbone`` child (the prior binds under ``backbone.``
+        and everything else counts as head). Segmentation wraps them differently. A classmethod,
+        so that a model-file loader can rebuild the network from the estimator class.
+        """
+        return BackboneWithHead(backbone, head)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # Images (N, H, W) are 3-D arrays; 2-D rows are read as one-pixel-high images.
+        tags.input_tags.three_d_array = True
+        return tags
 
     def _example_input(self) -> torch.Tensor:
         """A one-image batch in the preprocessed geometry, to measure a backbone's output."""
