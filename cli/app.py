@@ -7,6 +7,12 @@ from ._app import app
 # Each import registers one command on ``app``.
 from . import inspect_cmd  # noqa: F401,E402
 from . import convert_cmd  # noqa: F401,E402
+from . import fit_prior_cmd  # noqa: F401,E402
+from . import finetune_cmd  # noqa: F401,E402
+from . import predict_cmd  # noqa: F401,E402
+from . import evaluate_cmd  # noqa: F401,E402
+from . import tune_cmd  # noqa: F401,E402
+from . import demo_cmd  # noqa: F401,E402
 
 __all__ = ["app", "main"]
 

@@ -18,6 +18,9 @@ from .exceptions import (  # noqa: E402
 )
 from .prior import Prior, PriorStructure  # noqa: E402
 from .penalty import PriorPenalty  # noqa: E402
+from .fitter import PriorFitter  # noqa: E402
+from .classifier import PriorRegularizedClassifier  # noqa: E402
+from .segmenter import PriorRegularizedSegmenter  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -31,4 +34,7 @@ __all__ = [
     "Prior",
     "PriorStructure",
     "PriorPenalty",
+    "PriorFitter",
+    "PriorRegularizedClassifier",
+    "PriorRegularizedSegmenter",
 ]

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 from skorch import NeuralNetClassifier
+from skorch.callbacks import EpochScoring
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d
 from torch import nn
@@ -15,7 +16,17 @@ from .backbones import feature_dim_of
 from .exceptions import DataError
 from .regularized import PriorRegularizedMixin, _as_numpy
 
-__all__ = ["PriorRegularizedClassifier"]
+__all__ = ["PriorRegularizedClassifier", "index_accuracy"]
+
+
+def index_accuracy(net: Any, X: Any, y: Any) -> float:
+    """Accuracy during fit, where skorch hands the targets over as class indices, not labels.
+
+    It reads the network's own outputs rather than ``predict_proba``: with Bayesian inference
+    that averages over posterior samples, which exist only once fit has finished.
+    """
+    predicted = net.forward(X).argmax(dim=1).cpu().numpy()
+    return float(np.mean(predicted == _as_numpy(y).reshape(-1)))
 
 
 class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
@@ -250,6 +261,12 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         """Predicted labels (values of ``classes_``)."""
         proba = self.predict_proba(X)  # first: it raises NotFittedError before classes_ exists
         return self.classes_[proba.argmax(axis=1)]
+
+    @property
+    def _default_callbacks(self):
+        # skorch's valid_acc would compare predicted labels with the encoded targets.
+        return [(name, EpochScoring(index_accuracy, name="valid_acc", lower_is_better=False) if name == "valid_acc"
+                 else callback) for name, callback in super()._default_callbacks]
 
     def _check_fitted(self) -> None:
         from sklearn.exceptions import NotFittedError

@@ -456,7 +456,9 @@ class Prior:
         if payload.get("format") != FORMAT_NAME:
             found = payload.get("format", "no 'format' key")
             hint = ""
-            if "state_dict" in payload or all(isinstance(v, torch.Tensor) for v in payload.values()):
+            if found == "sklearn-bayes-transfer/model":
+                hint = " (it is a fine-tuned model file: use it with `bt-transfer predict/evaluate` or load_model)"
+            elif "state_dict" in payload or all(isinstance(v, torch.Tensor) for v in payload.values()):
                 hint = " (is this a model state_dict? an official-repository prior? try `bt-transfer convert-official`)"
             raise bad(f"not a sklearn-bayes-transfer prior (format: {found!r}){hint}")
         version = payload.get("version")

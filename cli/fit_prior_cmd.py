@@ -1,0 +1,94 @@
+"""``bt-transfer fit-prior``: learn a SWAG prior on a folder of source images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from sklearn_bayes_transfer.exceptions import ConfigError, OutputExistsError
+from sklearn_bayes_transfer.fitter import PriorFitter, SourceTask
+
+from ._app import app, console, handle_errors, resolve_device
+
+__all__ = ["fit_prior", "parse_image_size"]
+
+
+def parse_image_size(text: Optional[str]) -> int | tuple[int, int] | None:
+    """``"32"`` -> 32, ``"28x32"`` -> (28, 32) (height x width), ``None`` -> None."""
+    if text is None:
+        return None
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values, default=0) < 1:
+        raise typer.BadParameter(f"{text!r} is not an image size; use N (square) or HxW, e.g. 32 or 28x32",
+                                 param_hint="--image-size")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def _parse_kwargs(text: Optional[str]) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--backbone-kwargs must be a JSON object such as '{{\"width\": 8}}': {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--backbone-kwargs must be a JSON object such as '{{\"width\": 8}}', got {text!r}")
+    return value
+
+
+@app.command("fit-prior")
+@handle_errors
+def fit_prior(
+    data: Annotated[Path, typer.Option("--data", help="Image folder: one subfolder per class (supervised); "
+                                       "for simclr any images below it, labelled or not.")],
+    out: Annotated[Path, typer.Option("--out", help="Prior file to write.")],
+    task: Annotated[SourceTask, typer.Option("--task", help="Source task.")] = SourceTask.SUPERVISED,
+    backbone: Annotated[str, typer.Option(help="Registered backbone: resnet18, resnet34, resnet50, "
+                                          "small_cnn, ...")] = "resnet18",
+    backbone_kwargs: Annotated[Optional[str], typer.Option(
+        help="Backbone arguments as JSON, e.g. '{\"width\": 8}'. in_channels and small_input are "
+             "inferred from the images when not given.")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs, SWAG collection included.")] = 30,
+    swag_start: Annotated[Optional[int], typer.Option(
+        min=0, help="Epochs before SWAG collection starts (default: half of --epochs).")] = None,
+    rank: Annotated[int, typer.Option(help="Rank K of the low-rank covariance (>= 2).")] = 10,
+    collect_every: Annotated[int, typer.Option(min=1, help="Collect a SWAG snapshot every N epochs.")] = 1,
+    lr: Annotated[float, typer.Option(help="Learning rate before collection.")] = 0.05,
+    swag_lr: Annotated[float, typer.Option(help="Learning rate during SWAG collection.")] = 0.01,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    image_size: Annotated[Optional[str], typer.Option(
+        help="Resize images to N or HxW pixels (required when the images differ in size).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No per-epoch log or progress bar.")] = False,
+) -> None:
+    """Train a backbone on source images, collect a SWAG posterior and save it as a prior file."""
+    # Refuse before training, not after minutes of it.
+    if out.exists() and not force:
+        raise OutputExistsError(f"output file '{out}' already exists; pass --force to replace it")
+    if not out.parent.exists():
+        raise FileNotFoundError(f"cannot write '{out}': directory '{out.parent}' does not exist")
+    fitter = PriorFitter(
+        backbone=backbone, backbone_kwargs=_parse_kwargs(backbone_kwargs), source_task=task,
+        epochs=epochs, swag_start=swag_start, rank=rank, collect_every=collect_every, lr=lr,
+        swag_lr=swag_lr, batch_size=batch_size, image_size=parse_image_size(image_size),
+        device=resolve_device(device), seed=seed, verbose=0 if quiet else 1,
+    )
+    fitter.fit(str(data))
+    fitter.save_prior(out, overwrite=force)
+    prior = fitter.prior_
+    meta = prior.meta
+    console.print(
+        f"wrote {out}: {meta['backbone']} ({meta['source_task']}), D = {prior.n_params:,}, K = {prior.rank}, "
+        f"{meta['n_snapshots']} snapshots from {meta['n_source_examples']} images, "
+        f"final train loss {meta['final_train_loss']:.4g}",
+        highlight=False,
+    )

@@ -1,0 +1,741 @@
+"""PriorFitter: learn a posterior over a backbone on a source task with SWAG, export it as a prior.
+
+The source task is supervised classification (a linear head) or SimCLR self-supervision (two
+augmented views, NT-Xent loss, an MLP projector). The head or projector is trained with the
+backbone but is not part of the prior. After training, the SWAG mean is loaded into the
+backbone, BatchNorm running statistics are recomputed for it on the (unaugmented) source data,
+and the posterior is exported in DESIGN.md's convention ``Sigma = diag(variance) + F^T F``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+from skorch import NeuralNet
+from skorch.callbacks import Callback, ProgressBar
+from torch import nn
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision.transforms import v2
+
+from .backbones import backbone_arguments, backbone_meta, feature_dim_of, get_backbone
+from .data import Preprocess, as_image_tensor, load_image_folder, prepare_images
+from .exceptions import ConfigError, DataError, TrainingDivergedError
+from .prior import Prior
+from .swag import CollectUnit, SwagCallback, SwagSchedule
+
+__all__ = [
+    "NTXentLoss",
+    "PriorFitter",
+    "SimCLRAugment",
+    "SourceModel",
+    "SourceTask",
+    "TwoViewDataset",
+    "nt_xent_loss",
+]
+
+# Up to this many images (evenly spaced) estimate the normalisation of a lazily loaded dataset.
+_PREPROCESS_SAMPLE = 2048
+
+
+class SourceTask(str, Enum):
+    """What the backbone learns on the source data.
+
+    - ``"supervised"``: classification of ``y`` with a linear head;
+    - ``"simclr"``: contrastive self-supervision (no labels needed), NT-Xent over two augmented
+      views of each image, through an MLP projector.
+    """
+
+    SUPERVISED = "supervised"
+    SIMCLR = "simclr"
+
+
+def _as_enum(enum: type[Enum], value: Any, argument: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum)
+        raise ConfigError(f"{argument}={value!r} is not valid; expected one of {allowed}") from None
+
+
+# -- SimCLR pieces ----------------------------------------------------------------------------------
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent (normalised temperature-scaled cross entropy), averaged over all ``2B`` anchors.
+
+    Each of the ``2B`` projections is an anchor whose positive is the other view of the same
+    image and whose negatives are the other ``2B - 2`` projections; similarities are cosines
+    divided by ``temperature`` (Chen et al., 2020).
+
+    Examples
+    --------
+    >>> import torch
+    >>> z = torch.randn(4, 8)
+    >>> float(nt_xent_loss(z, z, temperature=0.1)) < float(nt_xent_loss(z, torch.randn(4, 8), temperature=0.1))
+    True
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ConfigError(f"nt_xent_loss needs two (B, P) projections of one shape, got {tuple(z1.shape)} "
+                          f"and {tuple(z2.shape)}")
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = (z @ z.T) / temperature
+    self_mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    positives = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    return F.cross_entropy(logits, positives)
+
+
+class NTXentLoss(nn.Module):
+    """:func:`nt_xent_loss` as a skorch criterion: ``y_pred`` is ``(B, 2, P)``, ``y_true`` is ignored.
+
+    Examples
+    --------
+    >>> import torch
+    >>> NTXentLoss(temperature=0.5)(torch.randn(3, 2, 4)).shape
+    torch.Size([])
+    """
+
+    def __init__(self, temperature: float = 0.5) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, y_pred: torch.Tensor, y_true: Any = None) -> torch.Tensor:
+        return nt_xent_loss(y_pred[:, 0], y_pred[:, 1], self.temperature)
+
+
+class SimCLRAugment:
+    """Random view of one normalised image ``(C, H, W)``, for any ``C`` and any size.
+
+    A random resized crop (area ``scale`` of the image, resized back to the input size), an
+    optional horizontal flip, then additive Gaussian noise of standard deviation ``noise`` (in
+    normalised units). Colour jitter is left out on purpose: it is meaningless for grey images
+    and would need un-normalised pixels.
+
+    Examples
+    --------
+    >>> import torch
+    >>> SimCLRAugment(noise=0.1)(torch.zeros(1, 8, 8)).shape
+    torch.Size([1, 8, 8])
+    """
+
+    def __init__(self, scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True, noise: float = 0.1) -> None:
+        self.scale = tuple(scale)
+        self.hflip = hflip
+        self.noise = noise
+
+        self._pipelines: dict[tuple[int, int], v2.Compose] = {}
+
+    def _pipeline(self, size: tuple[int, int]) -> v2.Compose:
+        if size not in self._pipelines:
+            transforms: list[Any] = [v2.RandomResizedCrop(size, scale=self.scale, antialias=True)]
+            if self.hflip:
+                transforms.append(v2.RandomHorizontalFlip())
+            self._pipelines[size] = v2.Compose(transforms)
+        return self._pipelines[size]
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        view = self._pipeline((int(image.shape[-2]), int(image.shape[-1])))(image)
+        if self.noise:
+            view = view + self.noise * torch.randn_like(view)
+        return view
+
+
+class TwoViewDataset(Dataset):
+    """Items ``(stack([augment(x), augment(x)]), 0)`` for the images ``x`` of ``dataset``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> base = torch.utils.data.TensorDataset(torch.zeros(5, 1, 8, 8))
+    >>> TwoViewDataset(base, SimCLRAugment())[0][0].shape
+    torch.Size([2, 1, 8, 8])
+    """
+
+    def __init__(self, dataset: Dataset, augment: SimCLRAugment) -> None:
+        self.dataset = dataset
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self.dataset[index]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        return torch.stack([self.augment(x), self.augment(x)]), 0
+
+
+class SourceModel(nn.Module):
+    """``head(backbone(x))``; a 5-D input ``(B, V, C, H, W)`` of views gives ``(B, V, P)``.
+
+    The prior covers ``backbone`` only: :class:`~sklearn_bayes_transfer.swag.SwagCallback`
+    follows ``module.backbone`` by default.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = SourceModel(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    >>> model(torch.zeros(3, 2, 1, 2, 2)).shape
+    torch.Size([3, 2, 2])
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 5:
+            b, v = x.shape[:2]
+            return self.head(self.backbone(x.flatten(0, 1))).view(b, v, -1)
+        return self.head(self.backbone(x))
+
+
+# -- data adapters --------------------------------------------------------------------------------
+class _PreparedDataset(Dataset):
+    """A user dataset's images as preprocessed float tensors, with encoded targets (or 0)."""
+
+    def __init__(self, dataset: Dataset, preprocess: Preprocess | None, codes: np.ndarray | None) -> None:
+        self.dataset = dataset
+        self.preprocess = preprocess
+        self.codes = codes
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = _image_of(self.dataset[index], index)
+        if self.preprocess is not None:
+            x = self.preprocess(x)
+        return x, int(self.codes[index]) if self.codes is not None else 0
+
+
+def _image_of(item: Any, index: int) -> torch.Tensor:
+    x = item[0] if isinstance(item, (tuple, list)) else item
+    try:
+        return as_image_tensor(x[None])[0]
+    except (TypeError, IndexError) as exc:
+        raise DataError(f"dataset item {index} does not hold an image array or tensor ({exc})") from None
+
+
+def _label_of(item: Any, index: int) -> Any:
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise DataError(f"supervised fitting needs labels, but dataset item {index} is not an (image, label) "
+                        "pair; pass y, or use source_task='simclr'")
+    label = item[1]
+    return label.item() if hasattr(label, "item") else label
+
+
+class _FiniteLoss(Callback):
+    """Stop with a clear message when a training loss stops being finite."""
+
+    def on_batch_end(self, net: Any, batch: Any = None, training: bool = False, **kwargs: Any) -> None:
+        loss = kwargs.get("loss")
+        if training and loss is not None and not bool(torch.isfinite(loss.detach())):
+            epoch = len(net.history)
+            raise TrainingDivergedError(f"the source training loss became {float(loss.detach())} in epoch {epoch}; "
+                                        f"lower lr (now {net.lr}) or swag_lr, or increase batch_size")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: str) -> Iterator[None]:
+    """Fix torch's RNG for the block (shuffling, initialisation, augmentation), then restore it."""
+    if seed is None:
+        yield
+        return
+    dev = torch.device(device)
+    cuda = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def _resolve_device(device: Any) -> str:
+    if not isinstance(device, (str, torch.device)):
+        raise ConfigError(f"device={device!r} is not valid; expected 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    device = str(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} was asked for but no CUDA GPU is visible; use 'cpu' or 'auto'")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device={device!r} is not valid; expected 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    return device
+
+
+def _check_number(value: Any, name: str, *, low: float, integer: bool = False, strict: bool = False) -> None:
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(float(value))
+    ok = ok and (float(value) > low if strict else float(value) >= low)
+    if not ok:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"{name}={value!r} is not valid; expected {what} {'>' if strict else '>='} {low:g}")
+
+
+# -- the estimator ---------------------------------------------------------------------------------
+class PriorFitter(BaseEstimator):
+    """Learn a SWAG posterior over a backbone on a source task and export it as a prior.
+
+    Training runs ``epochs`` epochs of SGD with momentum at ``lr``; from epoch ``swag_start`` on
+    the learning rate follows ``swag_schedule`` around ``swag_lr`` and a SWAG snapshot of the
+    backbone's weights is taken every ``collect_every`` epochs (or steps). At the end the SWAG
+    mean is loaded into the backbone, BatchNorm statistics are recomputed for it on the source
+    images (unaugmented), and :attr:`prior_` is built with
+    ``variance = 0.5 * clamp(diag, var_clamp)`` and ``factor = Dev^T / sqrt(2 (rank - 1))``.
+
+    Parameters
+    ----------
+    backbone : str or nn.Module, default="resnet18"
+        A registered backbone name (see :func:`~sklearn_bayes_transfer.backbones.list_backbones`)
+        or an ``nn.Module`` returning ``(N, feature_dim)`` features (it is copied, never
+        modified). A module that is not registered can be used, but the prior then records its
+        class name only and downstream code must be given the module again.
+    backbone_kwargs : dict, optional
+        Arguments for a registered backbone. ``in_channels`` defaults to the channels of the
+        (preprocessed) images and, for ResNets, ``small_input`` to ``True`` for images of at most
+        64 pixels a side.
+    source_task : {"supervised", "simclr"}, default="supervised"
+        See :class:`SourceTask`.
+    epochs : int, default=30
+        Total training epochs, collection included.
+    lr : float, default=0.05
+        Learning rate before collection (and the top of cosine cycles).
+    momentum, weight_decay : float, default=0.9, 5e-4
+        SGD settings.
+    batch_size : int, default=128
+    swag_start : int, optional
+        Epochs of ordinary training before SWAG collection starts; by default half of ``epochs``.
+    swag_lr : float, default=0.01
+        Learning rate during collection (the low end of cosine cycles).
+    swag_schedule : {"constant", "cosine"}, default="constant"
+        Learning rate schedule during collection, see :class:`~sklearn_bayes_transfer.swag.SwagSchedule`.
+    rank : int, default=10
+        Number ``K >= 2`` of deviation columns in the low-rank factor. At least ``rank`` snapshots
+        must be collected.
+    collect_every : int, default=1
+        Take a snapshot every this many ``collect_unit``.
+    collect_unit : {"epoch", "step"}, default="epoch"
+    var_clamp : float, default=1e-8
+        Lower clamp of the raw SWAG diagonal (the stored variance of a clamped weight is half).
+    temperature : float, default=0.5
+        NT-Xent temperature (SimCLR).
+    projection_dim : int, default=64
+        Output size of the SimCLR projector.
+    augment_flip : bool, default=True
+        Random horizontal flips in SimCLR views.
+    augment_noise : float, default=0.1
+        Standard deviation of the Gaussian noise added to SimCLR views (normalised units).
+    image_size : int or (int, int), optional
+        Resize images to this size; by default they keep their size.
+    preprocess : Preprocess or dict, optional
+        Fixed preprocessing; by default the per-channel mean and std are fitted on ``X``.
+        Recorded in ``prior_.meta["preprocess"]`` either way.
+    device : str, default="cpu"
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available).
+    seed : int or None, default=0
+        Seeds torch's RNG (initialisation, shuffling, augmentation) for the duration of ``fit``;
+        the caller's RNG state is restored afterwards. ``None`` uses the current state.
+    num_workers : int, default=0
+        DataLoader worker processes for training.
+    verbose : int, default=0
+        ``> 0`` prints one line per epoch and shows a progress bar.
+
+    Attributes
+    ----------
+    prior_ : Prior
+        The exported prior over the backbone's parameters.
+    history_ : skorch.history.History
+        Per-epoch training record (``train_loss``, ``swag_snapshots``, ...).
+    net_ : skorch.NeuralNet
+        The trained net; its ``module_.backbone`` holds the SWAG mean with recomputed BatchNorm
+        statistics.
+    backbone_ : nn.Module
+        That backbone.
+    preprocess_ : Preprocess
+        Preprocessing applied to the source images.
+    classes_ : numpy.ndarray
+        Source class labels (supervised only).
+
+    Examples
+    --------
+    >>> from sklearn_bayes_transfer.datasets import load_digits_images
+    >>> X, y = load_digits_images()
+    >>> fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 4}, epochs=3,
+    ...                      swag_start=1, rank=2, batch_size=256).fit(X[:300], y[:300])
+    >>> fitter.prior_.rank, fitter.prior_.meta["source_task"]
+    (2, 'supervised')
+    >>> fitter.save_prior("digits_prior.pt")                       # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet18",
+        backbone_kwargs: Mapping[str, Any] | None = None,
+        source_task: SourceTask | str = "supervised",
+        epochs: int = 30,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        batch_size: int = 128,
+        swag_start: int | None = None,
+        swag_lr: float = 0.01,
+        swag_schedule: SwagSchedule | str = "constant",
+        rank: int = 10,
+        collect_every: int = 1,
+        collect_unit: CollectUnit | str = "epoch",
+        var_clamp: float = 1e-8,
+        temperature: float = 0.5,
+        projection_dim: int = 64,
+        augment_flip: bool = True,
+        augment_noise: float = 0.1,
+        image_size: int | tuple[int, int] | None = None,
+        preprocess: Preprocess | Mapping[str, Any] | None = None,
+        device: str = "cpu",
+        seed: int | None = 0,
+        num_workers: int = 0,
+        verbose: int = 0,
+    ) -> None:
+        self.backbone = backbone
+        self.backbone_kwargs = backbone_kwargs
+        self.source_task = source_task
+        self.epochs = epochs
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.swag_start = swag_start
+        self.swag_lr = swag_lr
+        self.swag_schedule = swag_schedule
+        self.rank = rank
+        self.collect_every = collect_every
+        self.collect_unit = collect_unit
+        self.var_clamp = var_clamp
+        self.temperature = temperature
+        self.projection_dim = projection_dim
+        self.augment_flip = augment_flip
+        self.augment_noise = augment_noise
+        self.image_size = image_size
+        self.preprocess = preprocess
+        self.device = device
+        self.seed = seed
+        self.num_workers = num_workers
+        self.verbose = verbose
+
+    # -- validation --------------------------------------------------------------------------------
+    def _validate_params(self) -> SourceTask:
+        task = _as_enum(SourceTask, self.source_task, "source_task")
+        _as_enum(SwagSchedule, self.swag_schedule, "swag_schedule")
+        _as_enum(CollectUnit, self.collect_unit, "collect_unit")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 2:
+            raise ConfigError(f"rank={self.rank!r} is not valid; SWAG needs rank >= 2 deviation columns (the "
+                              "low-rank covariance divides by rank - 1); typical values are 5 to 20")
+        _check_number(self.epochs, "epochs", low=1, integer=True)
+        _check_number(self.batch_size, "batch_size", low=1, integer=True)
+        _check_number(self.collect_every, "collect_every", low=1, integer=True)
+        if self.swag_start is not None:
+            _check_number(self.swag_start, "swag_start", low=0, integer=True)
+        _check_number(self.projection_dim, "projection_dim", low=1, integer=True)
+        _check_number(self.num_workers, "num_workers", low=0, integer=True)
+        for name in ("lr", "swag_lr", "temperature", "var_clamp"):
+            _check_number(getattr(self, name), name, low=0, strict=True)
+        _check_number(self.momentum, "momentum", low=0)
+        _check_number(self.weight_decay, "weight_decay", low=0)
+        _check_number(self.augment_noise, "augment_noise", low=0)
+        if self._swag_start() >= self.epochs:
+            raise ConfigError(f"swag_start={self._swag_start()} leaves no epoch for SWAG collection with "
+                              f"epochs={self.epochs}; use swag_start < epochs")
+        if task is SourceTask.SIMCLR and self.batch_size < 2:
+            raise ConfigError("SimCLR needs batch_size >= 2: the other images of a batch are the negatives")
+        if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, Mapping):
+            raise ConfigError(f"backbone_kwargs must be a dict or None, got {type(self.backbone_kwargs).__name__}")
+        if not isinstance(self.backbone, (str, nn.Module)):
+            raise ConfigError(f"backbone must be a registered name or an nn.Module, got {type(self.backbone).__name__}")
+        if isinstance(self.backbone, nn.Module) and self.backbone_kwargs:
+            raise ConfigError("backbone_kwargs only apply to a registered backbone name; the nn.Module given "
+                              "as backbone is used as it is")
+        return task
+
+    def _swag_start(self) -> int:
+        return int(self.epochs) // 2 if self.swag_start is None else int(self.swag_start)
+
+    # -- data ---------------------------------------------------------------------------------------
+    def _wanted_channels(self) -> int | None:
+        if isinstance(self.backbone, str):
+            channels = dict(self.backbone_kwargs or {}).get("in_channels")
+            return channels if channels in (1, 3) else None
+        return None
+
+    def _fixed_preprocess(self) -> Preprocess | None:
+        if self.preprocess is None or isinstance(self.preprocess, Preprocess):
+            return self.preprocess
+        if isinstance(self.preprocess, Mapping):
+            return Preprocess.from_meta(self.preprocess)
+        raise ConfigError(f"preprocess must be a Preprocess, a dict from Preprocess.to_meta(), or None; "
+                          f"got {type(self.preprocess).__name__}")
+
+    def _prepare_data(self, X: Any, y: Any, task: SourceTask) -> tuple[Dataset, Preprocess, np.ndarray | None]:
+        """Return (clean dataset of (image, class code), preprocessing, classes or None)."""
+        supervised = task is SourceTask.SUPERVISED
+        if isinstance(X, (str, os.PathLike)):
+            X, folder_labels = load_image_folder(X, labeled=supervised, image_size=self.image_size,
+                                                 channels=self._wanted_channels())
+            y = folder_labels if y is None else y
+        if isinstance(X, Dataset) and not isinstance(X, torch.Tensor):
+            return self._prepare_dataset(X, y, supervised)
+        fixed = self._fixed_preprocess()
+        preprocess = fixed or Preprocess.fit(X, image_size=self.image_size, channels=self._wanted_channels())
+        images = prepare_images(X, preprocess).cpu()
+        classes, codes = self._encode(y, images.shape[0], supervised)
+        targets = torch.as_tensor(codes if codes is not None else np.zeros(images.shape[0]), dtype=torch.int64)
+        return TensorDataset(images, targets), preprocess, classes
+
+    def _prepare_dataset(self, dataset: Dataset, y: Any, supervised: bool
+                         ) -> tuple[Dataset, Preprocess, np.ndarray | None]:
+        n = len(dataset)  # type: ignore[arg-type]
+        if n == 0:
+            raise DataError("the dataset is empty; pass at least two images")
+        own = getattr(dataset, "preprocess", None)
+        fixed = self._fixed_preprocess()
+        if isinstance(own, Preprocess):
+            # The dataset already normalises its images: record that pipeline, do not apply it twice.
+            if fixed is not None and fixed != own:
+                raise ConfigError("the dataset applies its own preprocess, which differs from the preprocess "
+                                  "hyperparameter; give it in one place only")
+            preprocess, apply = own, None
+        else:
+            if fixed is None:
+                picks = np.unique(np.linspace(0, n - 1, min(n, _PREPROCESS_SAMPLE)).astype(int))
+                sample = [_image_of(dataset[int(i)], int(i)) for i in picks]
+                fixed = Preprocess.fit(sample, image_size=self.image_size, channels=self._wanted_channels())
+            preprocess, apply = fixed, fixed
+        labels = None
+        if supervised:
+            if y is not None:
+                labels = y
+            elif getattr(dataset, "targets", None) is not None:
+                # torchvision-style datasets (and ours): targets index into classes, when given.
+                targets = np.asarray(dataset.targets)  # type: ignore[attr-defined]
+                names = getattr(dataset, "classes", None)
+                labels = np.asarray(names, dtype=object)[targets] if names else targets
+            else:
+                labels = [_label_of(dataset[i], i) for i in range(n)]
+        classes, codes = self._encode(labels, n, supervised)
+        return _PreparedDataset(dataset, apply, codes), preprocess, classes
+
+    @staticmethod
+    def _encode(y: Any, n: int, supervised: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if n < 2:
+            raise DataError(f"source training needs at least 2 images, got {n}")
+        if not supervised:
+            return None, None
+        if y is None:
+            raise DataError("source_task='supervised' needs labels y (or an image folder with one subfolder "
+                            "per class); for unlabeled images use source_task='simclr'")
+        y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
+        if y.ndim != 1 or y.shape[0] != n:
+            raise DataError(f"y must hold one label per image: got shape {y.shape} for {n} images")
+        classes, codes = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise DataError(f"supervised source training needs at least 2 classes, but every label is "
+                            f"{classes[0].tolist()!r}; add images of other classes, or use source_task='simclr' "
+                            "(self-supervised, no labels)")
+        return classes, codes.astype(np.int64)
+
+    # -- model --------------------------------------------------------------------------------------
+    def _build_backbone(self, preprocess: Preprocess, example: torch.Tensor) -> tuple[nn.Module, int]:
+        if isinstance(self.backbone, nn.Module):
+            backbone = copy.deepcopy(self.backbone)
+        else:
+            kwargs = dict(self.backbone_kwargs or {})
+            accepted = backbone_arguments(self.backbone) or ()
+            if "in_channels" in accepted:
+                kwargs.setdefault("in_channels", preprocess.channels)
+            if "small_input" in accepted:
+                kwargs.setdefault("small_input", max(example.shape[-2:]) <= 64)
+            backbone = get_backbone(self.backbone, **kwargs)
+        name = getattr(backbone, "backbone_name", type(backbone).__name__)
+        try:
+            dim = feature_dim_of(backbone, example)
+            was_training = backbone.training
+            backbone.eval()
+            with torch.no_grad():
+                out = backbone(example[:2])
+            backbone.train(was_training)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0][:300]
+            raise ConfigError(f"backbone {name!r} cannot process the source images of shape "
+                              f"{tuple(example.shape[1:])} ({first}); check in_channels / image_size") from None
+        if out.dim() != 2 or out.shape[1] != dim:
+            raise ConfigError(f"backbone {name!r} returned features of shape {tuple(out.shape)}, expected "
+                              f"(N, {dim}); forward() must return pooled (N, feature_dim) features")
+        return backbone, dim
+
+    def _build_head(self, task: SourceTask, dim: int, n_classes: int) -> nn.Module:
+        if task is SourceTask.SUPERVISED:
+            return nn.Linear(dim, n_classes)
+        return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, int(self.projection_dim)))
+
+    def _swag_callback(self) -> SwagCallback:
+        return SwagCallback(start=self._swag_start(), collect_every=int(self.collect_every),
+                            unit=self.collect_unit, rank=int(self.rank), lr=float(self.swag_lr),
+                            schedule=self.swag_schedule, var_clamp=float(self.var_clamp))
+
+    def _make_net(self, module: nn.Module, task: SourceTask, swag: SwagCallback, device: str,
+                  drop_last: bool) -> NeuralNet:
+        callbacks: list[tuple[str, Callback]] = [("swag", swag), ("finite_loss", _FiniteLoss())]
+        if self.verbose:
+            callbacks.append(("progress", ProgressBar()))
+        criterion_kwargs = {"criterion__temperature": float(self.temperature)} if task is SourceTask.SIMCLR else {}
+        return NeuralNet(
+            module,
+            criterion=NTXentLoss if task is SourceTask.SIMCLR else nn.CrossEntropyLoss,
+            optimizer=torch.optim.SGD,
+            lr=float(self.lr),
+            optimizer__momentum=float(self.momentum),
+            optimizer__weight_decay=float(self.weight_decay),
+            max_epochs=int(self.epochs),
+            batch_size=int(self.batch_size),
+            train_split=None,
+            iterator_train__shuffle=True,
+            iterator_train__drop_last=drop_last,
+            iterator_train__num_workers=int(self.num_workers),
+            callbacks=callbacks,
+            device=device,
+            verbose=int(self.verbose),
+            **criterion_kwargs,
+        )
+
+    # -- fit ---------------------------------------------------------------------------------------
+    def fit(self, X: Any, y: Any = None) -> "PriorFitter":
+        """Train on the source data and export :attr:`prior_`.
+
+        Parameters
+        ----------
+        X : array-like, torch Dataset or path
+            Images ``(N, H, W)`` or ``(N, C, H, W)`` (any float dtype, or ``uint8`` scaled by
+            1/255); a torch ``Dataset`` of images or ``(image, label)`` pairs (loaded lazily); or
+            the path of an image folder (one subfolder per class; for SimCLR any images below it).
+        y : array-like of shape (N,), optional
+            Class labels for ``source_task="supervised"`` (any hashable type); ignored by SimCLR.
+
+        Raises
+        ------
+        ConfigError
+            For invalid hyperparameters, including a run that cannot collect ``rank`` snapshots.
+        DataError
+            For unusable data (one class, no images, unreadable files).
+        TrainingDivergedError
+            If the training loss becomes NaN or infinite.
+        KeyboardInterrupt
+            If training is interrupted (Ctrl-C); no prior is exported.
+        """
+        task = self._validate_params()
+        device = _resolve_device(self.device)
+        for attr in ("prior_", "history_", "net_", "backbone_", "preprocess_", "classes_"):
+            self.__dict__.pop(attr, None)
+        with _seeded(self.seed, device):
+            clean, preprocess, classes = self._prepare_data(X, y, task)
+            example = torch.stack([clean[i][0] for i in range(min(2, len(clean)))])
+            backbone, dim = self._build_backbone(preprocess, example)
+            module = SourceModel(backbone, self._build_head(task, dim, len(classes) if classes is not None else 0))
+            train = clean if task is SourceTask.SUPERVISED else TwoViewDataset(
+                clean, SimCLRAugment(hflip=bool(self.augment_flip), noise=float(self.augment_noise)))
+            # A last batch of one image breaks BatchNorm in training mode (one value per channel).
+            drop_last = len(clean) % int(self.batch_size) == 1
+            swag = self._swag_callback()
+            net = self._make_net(module, task, swag, device, drop_last)
+            net.initialize()
+            planned = self._check_snapshot_plan(swag, len(net.get_iterator(train, training=True)))
+            self.net_ = net
+            net.partial_fit(train, None)
+            done = sum(1 for row in net.history if "train_loss" in row)
+            if done < self.epochs or swag.collector_.n_snapshots < planned:
+                # skorch ends training quietly on Ctrl-C; a prior from a cut-short run is not exported.
+                raise KeyboardInterrupt(f"training interrupted after {done} of {self.epochs} epochs; "
+                                        "no prior was exported")
+            prior = self._export(net, swag, clean, preprocess, classes, task, device, drop_last)
+        self.backbone_ = net.module_.backbone
+        self.history_ = net.history
+        self.preprocess_ = preprocess
+        if classes is not None:
+            self.classes_ = classes
+        self.prior_ = prior
+        return self
+
+    def _check_snapshot_plan(self, swag: SwagCallback, steps_per_epoch: int) -> int:
+        planned = swag.planned_snapshots(int(self.epochs), steps_per_epoch)
+        if planned < self.rank:
+            raise ConfigError(
+                f"this run would collect {planned} SWAG snapshot(s) (epochs={self.epochs}, "
+                f"swag_start={self._swag_start()}, collect_every={self.collect_every} "
+                f"{CollectUnit(self.collect_unit).value}(s), {steps_per_epoch} step(s) per epoch) but "
+                f"rank={self.rank} needs at least {self.rank}; to get more, train more epochs after "
+                "swag_start, lower swag_start, or use a smaller collect_every (or collect_unit='step'); "
+                "or lower the rank")
+        return planned
+
+    def _export(self, net: NeuralNet, swag: SwagCallback, clean: Dataset, preprocess: Preprocess,
+                classes: np.ndarray | None, task: SourceTask, device: str, drop_last: bool) -> Prior:
+        backbone = net.module_.backbone
+        swag.collector_.apply_mean()
+        loader = DataLoader(clean, batch_size=int(self.batch_size), shuffle=False, drop_last=drop_last,
+                            num_workers=int(self.num_workers))
+        update_bn(loader, backbone, device=torch.device(device))
+        # num_batches_tracked is kept so that backbone.load_state_dict(..., strict=True) works.
+        buffers = {name: b.detach().cpu().clone() for name, b in backbone.named_buffers()}
+        return swag.to_prior(buffers=buffers, meta=self._meta(net, backbone, preprocess, classes, task,
+                                                              len(clean)))
+
+    def _meta(self, net: NeuralNet, backbone: nn.Module, preprocess: Preprocess, classes: np.ndarray | None,
+              task: SourceTask, n_examples: int) -> dict[str, Any]:
+        from . import __version__
+
+        described = backbone_meta(backbone)
+        meta: dict[str, Any] = {}
+        if described is None:
+            meta.update(backbone=type(backbone).__name__, backbone_kwargs={},
+                        backbone_note="custom nn.Module, not in the backbone registry: pass the same module "
+                                      "to downstream estimators")
+        else:
+            meta.update(described)
+        meta.update(
+            source_task=task.value, preprocess=preprocess.to_meta(), library_version=__version__,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            epochs=int(self.epochs), lr=float(self.lr), momentum=float(self.momentum),
+            weight_decay=float(self.weight_decay), batch_size=int(self.batch_size),
+            seed=None if self.seed is None else int(self.seed), n_source_examples=int(n_examples),
+            final_train_loss=float(net.history[-1, "train_loss"]),
+            batchnorm="running statistics recomputed for the SWAG mean on the unaugmented source data",
+        )
+        if classes is not None:
+            meta.update(n_classes=len(classes), classes=[str(c) for c in classes])
+        else:
+            meta.update(temperature=float(self.temperature), projection_dim=int(self.projection_dim),
+                        augment={"crop_scale": [0.5, 1.0], "hflip": bool(self.augment_flip),
+                                 "noise": float(self.augment_noise)})
+        return meta
+
+    def save_prior(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """Write :attr:`prior_` atomically to ``path`` (an interrupted write leaves no file).
+
+        Raises
+        ------
+        OutputExistsError
+            If ``path`` exists and ``overwrite`` is ``False``.
+        """
+        check_is_fitted(self, "prior_")
+        return self.prior_.save(path, overwrite=overwrite)

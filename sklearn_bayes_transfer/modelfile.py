@@ -1,0 +1,394 @@
+"""Fine-tuned model files: a fitted estimator saved as tensors and plain containers.
+
+A model file is written with ``torch.save`` of one dict and read with ``weights_only=True``,
+so loading one never runs code (unlike pickling the estimator, which stays available to Python
+users as in scikit-learn). Version 1 holds::
+
+    {"format": "sklearn-bayes-transfer/model", "version": 1,
+     "estimator": "PriorRegularizedClassifier",          # a name from a fixed table, never a path
+     "backbone": {"backbone": "resnet18", "backbone_kwargs": {...}},
+     "head": {"kind": "linear", "in_features": 512, "out_features": 10, "bias": True},
+     "classes": [...] or None,                           # plain python labels
+     "preprocess": Preprocess.to_meta() or None,
+     "hyperparameters": {...},                           # the plain-valued constructor arguments
+     "fitted": {"n_features_in": ..., "input_shape": [...], "n_train": ...},
+     "state_dict": {name: Tensor},                       # the whole network, on the CPU
+     "samples": dict or None,                            # Bayesian-inference state, see below
+     "meta": {"library_version": ..., "created": ..., "optimizer": ..., "prior": {...}}}
+
+The prior is not stored: a fitted network predicts without it. :func:`load_model` rebuilds the
+backbone from its registry name, the head from its spec, loads the weights and sets the fitted
+attributes, so ``predict``, ``predict_proba`` and ``score`` work as before saving.
+
+Estimator protocol
+------------------
+An estimator class listed in this module's table is saved generically. It must have
+``_check_fitted()`` (raising :class:`~sklearn.exceptions.NotFittedError`), and it may refine how:
+
+- ``_head_spec() -> dict`` (plain values) and the classmethod
+  ``_build_head_from_spec(spec, backbone) -> nn.Module`` describe and rebuild its head. Without
+  them the head must be an ``nn.Linear`` (the classifier's);
+- the classmethod ``_assemble_module(backbone, head)`` joins them into the network (default:
+  :class:`~sklearn_bayes_transfer.regularized.BackboneWithHead`);
+- ``_model_file_extras() -> dict`` returns extra fitted state made of tensors and plain
+  containers (posterior samples for Bayesian model averaging), stored under ``"samples"``, and
+  ``_restore_model_file_extras(extras)`` puts it back after loading;
+- ``classes_`` (if any) is restored as ``classes_fitted_``, which the estimator's ``classes_``
+  reads.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import warnings
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.exceptions import NotFittedError
+from torch import nn
+
+from ._io import atomic_torch_save, safe_torch_load
+from .backbones import backbone_from_meta, backbone_meta
+from .data import Preprocess
+from .exceptions import BayesTransferError, PriorFormatError
+from .prior import FORMAT_NAME as PRIOR_FORMAT_NAME
+from .regularized import BackboneWithHead
+
+__all__ = ["MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION", "ModelFileError", "load_model", "save_model"]
+
+MODEL_FORMAT_NAME = "sklearn-bayes-transfer/model"
+MODEL_FORMAT_VERSION = 1
+
+#: The estimators a model file may name, and the module of this package that defines each. A
+#: file only ever selects an entry of this table: nothing named inside a file is imported.
+_ESTIMATOR_MODULES: dict[str, str] = {
+    "PriorRegularizedClassifier": "classifier",
+    "PriorRegularizedSegmenter": "segmenter",
+}
+
+# Constructor arguments that are not hyperparameters of the fitted model: the prior and module
+# are replaced on loading, the device is chosen by the caller, classes are stored on their own.
+_NOT_HYPERPARAMETERS = frozenset({"prior", "module", "device", "classes"})
+# Fitted attributes (besides classes_ and preprocess_) that a rebuilt estimator gets back.
+_FITTED_ATTRIBUTES = ("n_features_in_", "input_shape_", "n_train_")
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class ModelFileError(PriorFormatError):
+    """A model file cannot be written or read: wrong format, version, estimator or content."""
+
+
+# -- saving -----------------------------------------------------------------------------------------
+def save_model(estimator: Any, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Write a fitted estimator to a model file, atomically.
+
+    Parameters
+    ----------
+    estimator : PriorRegularizedClassifier or PriorRegularizedSegmenter
+        A fitted estimator whose network is ``BackboneWithHead`` over a registered backbone
+        (what the estimators build from a prior).
+    path : str or os.PathLike
+        The file to write.
+    overwrite : bool, default=True
+        If False and ``path`` exists, raise :class:`~sklearn_bayes_transfer.OutputExistsError`.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+
+    Raises
+    ------
+    ModelFileError
+        If the estimator is not fitted, not a known estimator class, or its network cannot be
+        rebuilt from a name (a user's own module): pickle such an estimator instead.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_bayes_transfer import Prior
+    >>> from sklearn_bayes_transfer.backbones import get_backbone
+    >>> from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
+    >>> prior = Prior.from_module(get_backbone("small_cnn", width=4), variance=0.01)
+    >>> X, y = np.random.default_rng(0).random((8, 8, 8)).astype("float32"), np.array([0, 1] * 4)
+    >>> clf = PriorRegularizedClassifier(prior, max_epochs=1, verbose=0).fit(X, y)
+    >>> path = save_model(clf, "model.pt")                          # doctest: +SKIP
+    >>> np.allclose(load_model(path).predict_proba(X), clf.predict_proba(X))  # doctest: +SKIP
+    True
+    """
+    return atomic_torch_save(_model_payload(estimator), path, overwrite=overwrite)
+
+
+def _model_payload(estimator: Any) -> dict[str, Any]:
+    """The version-1 payload of a fitted estimator (see the module docstring)."""
+    name = type(estimator).__name__
+    if name not in _ESTIMATOR_MODULES or _estimator_class(name, "<save>") is not type(estimator):
+        raise ModelFileError(f"cannot write a model file for a {name}: model files hold only "
+                             f"{', '.join(_ESTIMATOR_MODULES)}; pickle this estimator instead "
+                             "(pickle.dump / joblib.dump)")
+    try:
+        estimator._check_fitted()
+    except NotFittedError:
+        raise ModelFileError(f"this {name} is not fitted yet; call fit before saving it") from None
+    module = estimator.module_
+    arch = backbone_meta(module.backbone) if isinstance(module, BackboneWithHead) else None
+    if arch is None:
+        raise ModelFileError(f"this {name}'s network ({type(module).__name__}) is not a registered backbone with a "
+                             "head, so a model file could not rebuild it; pickle the estimator instead "
+                             "(pickle.dump / joblib.dump), or register the backbone with register_backbone")
+    classes = getattr(estimator, "classes_", None) if hasattr(estimator, "classes_fitted_") else None
+    preprocess = getattr(estimator, "preprocess_", None)
+    fitted = {attr.rstrip("_"): getattr(estimator, attr) for attr in _FITTED_ATTRIBUTES if hasattr(estimator, attr)}
+    extras_of = getattr(estimator, "_model_file_extras", None)
+    extras = extras_of() if extras_of is not None else None
+    prior = getattr(estimator, "prior_", None)
+    optimizer = getattr(estimator, "optimizer", None)
+    return {
+        "format": MODEL_FORMAT_NAME,
+        "version": MODEL_FORMAT_VERSION,
+        "estimator": name,
+        "backbone": _plain(arch, "backbone"),
+        "head": _plain(_head_spec(estimator, module.head), "head spec"),
+        "classes": None if classes is None else [_plain_label(c) for c in np.asarray(classes).tolist()],
+        "preprocess": preprocess.to_meta() if preprocess is not None else None,
+        "hyperparameters": _hyperparameters(estimator),
+        "fitted": _plain(fitted, "fitted attributes"),
+        "state_dict": {k: v.detach().to("cpu") for k, v in module.state_dict().items()},
+        "samples": _plain(extras, "_model_file_extras()", tensors=True) if extras else None,
+        "meta": {
+            "library_version": _library_version(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "optimizer": f"{optimizer.__module__}.{optimizer.__qualname__}" if isinstance(optimizer, type) else None,
+            "prior": prior.meta if prior is not None else None,
+        },
+    }
+
+
+def _head_spec(estimator: Any, head: nn.Module) -> dict[str, Any]:
+    if hasattr(estimator, "_head_spec"):
+        return estimator._head_spec()
+    if type(head) is nn.Linear:
+        return {"kind": "linear", "in_features": head.in_features, "out_features": head.out_features,
+                "bias": head.bias is not None}
+    raise ModelFileError(f"{type(estimator).__name__} has a {type(head).__name__} head that a model file cannot "
+                         "describe (it needs _head_spec / _build_head_from_spec); pickle the estimator instead")
+
+
+def _hyperparameters(estimator: Any) -> dict[str, Any]:
+    """The constructor arguments with plain values (classes such as the optimizer are left out)."""
+    out = {}
+    for key, value in estimator.get_params(deep=False).items():
+        if key.startswith("_") or key in _NOT_HYPERPARAMETERS:
+            continue
+        try:
+            out[key] = _plain(value, key)
+        except ModelFileError:
+            continue
+    return out
+
+
+# -- loading ----------------------------------------------------------------------------------------
+def load_model(path: str | os.PathLike, *, device: str = "cpu") -> Any:
+    """Read a model file safely (``weights_only=True``) and rebuild the fitted estimator.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file written by :func:`save_model` (or ``bt-transfer finetune``).
+    device : str, default="cpu"
+        Where the rebuilt network runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...). Posterior
+        samples that were kept on an accelerator (``inference_device``) move there too.
+
+    Returns
+    -------
+    estimator
+        A fitted estimator, with ``prior=None`` (the prior is not needed to predict).
+
+    Raises
+    ------
+    ModelFileError
+        Naming the file and what is wrong: not a model file (a prior file, a pickle that would
+        run code, other bytes), an unsupported version, an unknown estimator, or content that
+        does not fit the network it describes.
+
+    Examples
+    --------
+    >>> clf = load_model("model.pt")                                # doctest: +SKIP
+    >>> clf.predict(images)                                         # doctest: +SKIP
+    """
+    source = str(path)
+    payload = safe_torch_load(path, what="model file", mmap=True, error=ModelFileError)
+    _check_payload(payload, source)
+    cls = _estimator_class(payload["estimator"], source)
+    try:
+        return _rebuild(cls, payload, source, device)
+    except ModelFileError:
+        raise
+    except BayesTransferError as exc:
+        raise ModelFileError(f"model file '{source}': {exc}") from None
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ModelFileError(f"model file '{source}': invalid content ({type(exc).__name__}: {exc})") from None
+
+
+def _rebuild(cls: type, payload: dict[str, Any], source: str, device: str) -> Any:
+    backbone = backbone_from_meta(payload["backbone"])
+    if hasattr(cls, "_build_head_from_spec"):
+        head = cls._build_head_from_spec(payload["head"], backbone)
+    else:
+        head = _linear_head(payload["head"], source)
+    assemble = getattr(cls, "_assemble_module", None)
+    module = assemble(backbone, head) if assemble is not None else BackboneWithHead(backbone, head)
+    _load_state(module, payload["state_dict"], source)
+
+    params = _restorable_hyperparameters(cls, payload["hyperparameters"], source)
+    if params.get("inference_device", "cpu") != "cpu":
+        # Posterior samples kept on an accelerator follow the network to the device asked for
+        # (the file may come from a GPU machine); samples kept on the CPU stay there.
+        params["inference_device"] = device
+    estimator = cls(prior=None, module=module, device=device, **params)
+    estimator.initialize()
+    # initialize() re-validated the arguments; now the fitted state, as fit would leave it.
+    if payload["classes"] is not None:
+        estimator.classes_fitted_ = np.asarray(payload["classes"])
+        estimator.classes_inferred_ = estimator.classes_fitted_
+    preprocess = payload["preprocess"]
+    estimator.preprocess_ = None if preprocess is None else Preprocess.from_meta(preprocess, error=ModelFileError)
+    for attr in _FITTED_ATTRIBUTES:
+        key = attr.rstrip("_")
+        if key in payload["fitted"]:
+            value = payload["fitted"][key]
+            setattr(estimator, attr, tuple(value) if isinstance(value, list) else value)
+    if payload["samples"] is not None:
+        restore = getattr(estimator, "_restore_model_file_extras", None)
+        if restore is None:
+            raise ModelFileError(f"model file '{source}' holds posterior samples, but this version's "
+                                 f"{cls.__name__} cannot restore them (upgrade sklearn-bayes-transfer)")
+        restore(payload["samples"])
+    return estimator
+
+
+def _check_payload(payload: Any, source: str) -> None:
+    def bad(msg: str) -> ModelFileError:
+        return ModelFileError(f"model file '{source}': {msg}")
+
+    if not isinstance(payload, dict):
+        raise bad(f"expected a dict written by save_model, found {type(payload).__name__}")
+    found = payload.get("format", "no 'format' key")
+    if found == PRIOR_FORMAT_NAME:
+        raise bad("this is a prior file, not a fine-tuned model; fine-tune with it first "
+                  "(bt-transfer finetune --prior ...)")
+    if found != MODEL_FORMAT_NAME:
+        raise bad(f"not a sklearn-bayes-transfer model file (format: {found!r}); model files are written by "
+                  "bt-transfer finetune or save_model")
+    if payload.get("version") != MODEL_FORMAT_VERSION:
+        raise bad(f"format version {payload.get('version')!r} is not supported; this library reads version "
+                  f"{MODEL_FORMAT_VERSION} (upgrade sklearn-bayes-transfer if the file is newer)")
+    expected = {"estimator": str, "backbone": dict, "head": dict, "classes": (list, type(None)),
+                "preprocess": (dict, type(None)), "hyperparameters": dict, "fitted": dict, "state_dict": dict,
+                "samples": (dict, type(None)), "meta": dict}
+    for key, kind in expected.items():
+        if key not in payload:
+            raise bad(f"missing key {key!r}")
+        if not isinstance(payload[key], kind):
+            raise bad(f"{key!r} has the wrong type ({type(payload[key]).__name__})")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items()):
+        raise bad("'state_dict' must map parameter names to tensors")
+
+
+def _estimator_class(name: Any, source: str) -> type:
+    module_name = _ESTIMATOR_MODULES.get(name) if isinstance(name, str) else None
+    if module_name is None:
+        raise ModelFileError(f"model file '{source}': estimator {name!r} is not one this library can rebuild "
+                             f"(known: {', '.join(_ESTIMATOR_MODULES)})")
+    try:
+        module = importlib.import_module(f".{module_name}", __package__)
+    except ModuleNotFoundError:
+        raise ModelFileError(f"model file '{source}': estimator {name!r} is not available in this installation "
+                             "(upgrade sklearn-bayes-transfer)") from None
+    return getattr(module, name)
+
+
+def _linear_head(spec: dict[str, Any], source: str) -> nn.Module:
+    if spec.get("kind") != "linear":
+        raise ModelFileError(f"model file '{source}': head kind {spec.get('kind')!r} is not known (expected 'linear')")
+    try:
+        return nn.Linear(int(spec["in_features"]), int(spec["out_features"]), bias=bool(spec.get("bias", True)))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"model file '{source}': invalid linear head spec {spec!r} ({exc})") from None
+
+
+def _load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with a short message listing what does not fit."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs network {tuple(v.shape)}"
+             for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensor(s): {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:5])}")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatch(es): {'; '.join(wrong[:5])}")
+        raise ModelFileError(f"model file '{source}': the weights do not fit the network it describes: "
+                             + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def _restorable_hyperparameters(cls: type, stored: dict[str, Any], source: str) -> dict[str, Any]:
+    """Stored hyperparameters this version's ``cls`` accepts; prefixed (``a__b``) ones are records only."""
+    accepted = set(cls().get_params(deep=False))
+    params = {}
+    for key, value in stored.items():
+        if "__" in key or key in _NOT_HYPERPARAMETERS:
+            continue
+        if key not in accepted:
+            warnings.warn(f"model file '{source}': hyperparameter {key}={value!r} is unknown to this version's "
+                          f"{cls.__name__}; it is ignored", UserWarning, stacklevel=4)
+            continue
+        params[key] = value
+    return params
+
+
+# -- plain values -----------------------------------------------------------------------------------
+def _plain(value: Any, where: str, *, tensors: bool = False) -> Any:
+    """``value`` as plain python (and, with ``tensors``, CPU tensors), so ``weights_only`` loads it."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, Enum):
+        return _plain(value.value, where, tensors=tensors)
+    if isinstance(value, np.generic):
+        return value.item()
+    if tensors and isinstance(value, torch.Tensor):
+        return value.detach().to("cpu")
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]", tensors=tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise ModelFileError(f"{where} has non-string keys; a model file stores dicts with string keys only")
+        return {k: _plain(v, f"{where}[{k!r}]", tensors=tensors) for k, v in value.items()}
+    raise ModelFileError(f"{where} holds a {type(value).__name__}; a model file stores only "
+                         f"{'tensors and ' if tensors else ''}plain python (str, int, float, bool, None, lists "
+                         "and dicts of them)")
+
+
+def _plain_label(label: Any) -> Any:
+    label = label.item() if isinstance(label, np.generic) else label
+    if not isinstance(label, (str, int, float, bool)) or isinstance(label, float) and not math.isfinite(label):
+        raise ModelFileError(f"class label {label!r} ({type(label).__name__}) cannot be stored in a model file; "
+                             "use str or int labels")
+    return label
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__

@@ -1,0 +1,689 @@
+"""``PriorRegularizedSegmenter``: semantic segmentation fine-tuned with a learned prior.
+
+The network is the prior's backbone (rebuilt from its metadata, initialised at the prior mean)
+followed by a new segmentation head on the backbone's last feature maps; its logits are
+upsampled bilinearly to the input size. The loss is the per-pixel cross-entropy (mean over the
+pixels that are not ``ignore_index``) plus the prior terms of
+:class:`~sklearn_bayes_transfer.regularized.PriorRegularizedMixin`, with ``N`` the number of
+training *images*: each image counts as one example.
+
+Masks hold class ids in the user's values (``0..C-1``, or any integers); internally they are
+encoded to indices of ``classes_`` with ignored pixels set to :data:`IGNORE_TARGET`, the
+cross-entropy's default ``ignore_index``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skorch import NeuralNet
+from skorch.dataset import ValidSplit
+from torch import nn
+
+from .data import JointTransform, as_image_tensor, as_mask_tensor, resize_masks
+from .exceptions import ConfigError, DataError
+from .metrics import miou_scorer
+from .regularized import BackboneWithHead, PriorRegularizedMixin, _as_numpy, _check_choice
+
+__all__ = [
+    "IGNORE_TARGET",
+    "DeepLabV3Head",
+    "FCNHead",
+    "PriorRegularizedSegmenter",
+    "SegmentationHead",
+    "SegmentationModel",
+    "build_segmentation_head",
+]
+
+#: Value of ignored pixels in encoded targets (``nn.CrossEntropyLoss``'s default ``ignore_index``).
+IGNORE_TARGET = -100
+
+
+class SegmentationHead(str, Enum):
+    """Which head turns backbone feature maps into per-class logits.
+
+    - ``"fcn"``: a 3x3 convolution, BatchNorm, ReLU, dropout and a 1x1 classifier
+      (the head of fully convolutional networks, Long et al. 2015);
+    - ``"deeplabv3"``: atrous spatial pyramid pooling (a 1x1 branch, 3x3 branches at dilations
+      2, 4 and 6, and an image-pooling branch) before the classifier (Chen et al. 2017). The
+      dilations suit the small feature maps (4-32 pixels a side) of small images or stride-32
+      backbones.
+    """
+
+    FCN = "fcn"
+    DEEPLABV3 = "deeplabv3"
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3, dilation: int = 1) -> nn.Sequential:
+    padding = dilation * (kernel_size - 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class FCNHead(nn.Sequential):
+    """``conv3x3 - BatchNorm - ReLU - Dropout - conv1x1``: features ``(N, in, h, w)`` to logits.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of the backbone's feature maps.
+    n_classes : int
+    dropout : float, default=0.1
+
+    Examples
+    --------
+    >>> import torch
+    >>> FCNHead(16, 3)(torch.zeros(2, 16, 5, 4)).shape
+    torch.Size([2, 3, 5, 4])
+    """
+
+    def __init__(self, in_channels: int, n_classes: int, dropout: float = 0.1) -> None:
+        mid = max(in_channels // 4, 8)
+        super().__init__(
+            _conv_bn_relu(in_channels, mid),
+            nn.Dropout(dropout),
+            nn.Conv2d(mid, n_classes, kernel_size=1),
+        )
+        self.in_channels, self.n_classes = in_channels, n_classes
+
+
+class _ImagePooling(nn.Module):
+    """ASPP's image-level branch: global average, 1x1 convolution, broadcast back.
+
+    No BatchNorm here: on a 1x1 map it would fail for a training batch of one image.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.relu(self.conv(x.mean(dim=(2, 3), keepdim=True)))
+        return pooled.expand(-1, -1, x.shape[2], x.shape[3])
+
+
+class DeepLabV3Head(nn.Module):
+    """Atrous spatial pyramid pooling, a 3x3 refinement and a 1x1 classifier.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of the backbone's feature maps.
+    n_classes : int
+    rates : tuple of int, default=(2, 4, 6)
+        Dilations of the 3x3 ASPP branches.
+    dropout : float, default=0.1
+
+    Examples
+    --------
+    >>> import torch
+    >>> DeepLabV3Head(16, 3)(torch.zeros(2, 16, 5, 4)).shape
+    torch.Size([2, 3, 5, 4])
+    """
+
+    def __init__(self, in_channels: int, n_classes: int, rates: tuple[int, ...] = (2, 4, 6),
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.in_channels, self.n_classes = in_channels, n_classes
+        mid = min(256, max(in_channels // 2, 8))
+        self.branches = nn.ModuleList(
+            [_conv_bn_relu(in_channels, mid, kernel_size=1)]
+            + [_conv_bn_relu(in_channels, mid, dilation=r) for r in rates]
+            + [_ImagePooling(in_channels, mid)]
+        )
+        self.project = nn.Sequential(_conv_bn_relu(mid * len(self.branches), mid, kernel_size=1), nn.Dropout(dropout))
+        self.refine = _conv_bn_relu(mid, mid)
+        self.classifier = nn.Conv2d(mid, n_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
+        return self.classifier(self.refine(x))
+
+
+def build_segmentation_head(kind: SegmentationHead | str, in_channels: int, n_classes: int) -> nn.Module:
+    """The head called ``kind`` (see :class:`SegmentationHead`) for ``in_channels`` feature maps.
+
+    Examples
+    --------
+    >>> type(build_segmentation_head("fcn", 16, 3)).__name__
+    'FCNHead'
+    """
+    kind = _check_choice(SegmentationHead, kind, "head")
+    if kind is SegmentationHead.FCN:
+        return FCNHead(in_channels, n_classes)
+    return DeepLabV3Head(in_channels, n_classes)
+
+
+class SegmentationModel(BackboneWithHead):
+    """``head(backbone.forward_features(x))`` upsampled bilinearly to ``x``'s height and width.
+
+    A :class:`~sklearn_bayes_transfer.regularized.BackboneWithHead` whose head reads the
+    backbone's feature maps instead of its pooled features: the backbone stays the ``backbone``
+    child, so a prior fitted on the bare backbone binds to ``backbone.*`` and everything else is
+    the head.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_bayes_transfer.backbones import get_backbone
+    >>> net = SegmentationModel(get_backbone("small_cnn", width=4), FCNHead(16, 3))
+    >>> net(torch.zeros(2, 1, 13, 11)).shape
+    torch.Size([2, 3, 13, 11])
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.backbone.forward_features(x))
+        return _resize_logits(logits, tuple(x.shape[-2:]))
+
+
+def _resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+class _JointlyTransformed(torch.utils.data.Dataset):
+    """Training pairs ``(image, encoded mask)`` passed through a joint random transform."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, transform: Any) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.dataset[index]
+        return self.transform(image, mask)
+
+
+class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
+    """Semantic segmenter fine-tuned with ``pixel cross-entropy + prior negative log-density``.
+
+    With only ``prior`` given, the backbone is rebuilt from the prior's metadata, initialised at
+    the prior mean (with the prior's BatchNorm statistics), and a new segmentation head is put
+    on its last feature maps (``backbone.forward_features``); the logits are upsampled to the
+    input size. The loss per batch is
+
+        mean pixel cross-entropy + 0.5 * r^T (prior_scale * Sigma + prior_eps * I)^{-1} r / N
+                                 + 0.5 * head_weight_decay * |w_head|^2 / N
+
+    with ``r`` the backbone weights minus the prior mean and ``N`` the number of training images.
+    Pixels whose mask value is ``ignore_index`` count in neither the loss nor :meth:`score`.
+
+    Parameters
+    ----------
+    prior : Prior, str or path, default=None
+        The prior (or a prior file). ``None`` needs ``module`` and means plain fine-tuning.
+    module : nn.Module class or instance, default=None
+        Your own network mapping images ``(N, C, H, W)`` to logits ``(N, n_classes, h, w)``
+        (upsampled to the input size if ``(h, w)`` differs). ``None`` builds
+        :class:`SegmentationModel` from the prior's backbone and ``head``.
+    classes : int or sequence of int, default=None
+        The class ids the masks use, in the order of ``predict_proba``'s channels; an int ``C``
+        means ``0..C-1``. ``None`` takes the ids found in the training masks (sorted). Give them
+        when a class may be missing from the training masks.
+    ignore_index : int or None, default=255
+        Mask value of pixels to skip (borders, void); must not be a class id. ``None``: none.
+    head : {"fcn", "deeplabv3"}, default="fcn"
+        See :class:`SegmentationHead`.
+    prior_scale, prior_eps, prior_structure, head_weight_decay, prior_update, factor_dtype
+        As in :class:`~sklearn_bayes_transfer.PriorRegularizedClassifier`.
+    preprocess : "auto", None, Preprocess or dict, default="auto"
+        Input preprocessing. ``"auto"`` applies the prior's recorded preprocessing, or one fitted
+        on the training images if the prior has none. When it resizes, masks are resized with
+        nearest-neighbour for training and predictions come back at each input's own size.
+    augment : JointTransform or callable, default=None
+        Random transform of ``(image, mask)`` training pairs (for example
+        ``JointTransform(crop_size=24, hflip=True)``), applied after preprocessing, to the
+        training split only. A :class:`~sklearn_bayes_transfer.data.JointTransform`'s padding is
+        always marked as ignored. Another callable receives the preprocessed image ``(C, H, W)``
+        and the mask ``(H, W)`` encoded as indices of ``classes_`` with ignored pixels equal to
+        :data:`IGNORE_TARGET`, and must keep that encoding.
+    inference : {"map", "swag", "sgld"}, default="map"
+        ``"map"``: predict with the fitted weights. ``"swag"``: collect a SWAG posterior over the
+        whole network during the last part of fine-tuning and average ``predict_proba`` (per
+        pixel) over ``n_samples`` draws from it. ``"sgld"``: run stochastic-gradient Langevin
+        dynamics on the same loss over the last part, with a cyclical step size, and average over
+        ``n_samples`` iterates. See :mod:`sklearn_bayes_transfer.bayes`.
+    n_samples : int, default=20
+        Posterior samples averaged by ``predict_proba`` (SWAG draws or SGLD iterates).
+    sample_start : float, default=0.5
+        Fraction of ``max_epochs`` trained before SWAG collection or SGLD sampling starts.
+    sample_every : int, default=1
+        Epochs between SWAG snapshots or SGLD samples.
+    temperature : float, default=1.0
+        SGLD temperature ``T >= 0``: 1 samples the posterior, < 1 a cold posterior, 0 adds no noise.
+    sgld_cycles : int, default=4
+        Cosine step size cycles over the SGLD phase; samples come from the low half of each.
+    sample_lr : float, optional
+        Learning rate of SWAG collection, and the top of SGLD's cycles (default: ``lr``).
+    inference_device : str, default="cpu"
+        Where the samples (``samples_``, float32 ``(n_samples, n_parameters)``) are kept.
+    random_state : int, optional
+        Seeds the SGLD noise and the SWAG draws (``None``: drawn from torch's global generator,
+        so ``torch.manual_seed`` makes a fit reproducible).
+    criterion, optimizer, lr, max_epochs, batch_size, train_split, callbacks, device, ...
+        As in :class:`skorch.NeuralNet`. The criterion gets ``ignore_index`` set for you.
+        ``train_split`` defaults to ``None`` (train on all images); a validation split must not
+        be stratified (masks have no single label per image).
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        The class ids, in the order of ``predict_proba``'s channels.
+    prior_ : Prior or None
+    preprocess_ : Preprocess or None
+    n_train_ : int
+        Number of training images of the last fit (the ``N`` of the loss).
+    module_ : nn.Module
+    samples_, sample_buffers_ : torch.Tensor
+        With ``inference`` ``"swag"`` or ``"sgld"``: the posterior samples over
+        ``module_.parameters()`` and their BatchNorm statistics (see
+        :class:`~sklearn_bayes_transfer.PriorRegularizedClassifier`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_bayes_transfer import Prior
+    >>> from sklearn_bayes_transfer.backbones import get_backbone
+    >>> prior = Prior.from_module(get_backbone("small_cnn", width=4), variance=0.01)
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.random((6, 13, 11)).astype("float32")
+    >>> masks = (X > 0.5).astype(np.int64) * 7           # class ids 0 and 7
+    >>> seg = PriorRegularizedSegmenter(prior, max_epochs=2, verbose=0).fit(X, masks)
+    >>> seg.classes_.tolist(), seg.predict(X[:2]).shape, seg.predict_proba(X[:2]).shape
+    ([0, 7], (2, 13, 11), (2, 2, 13, 11))
+    """
+
+    def __init__(
+        self,
+        prior=None,
+        module=None,
+        *args: Any,
+        criterion=nn.CrossEntropyLoss,
+        train_split=None,
+        classes=None,
+        ignore_index: int | None = 255,
+        head: str = "fcn",
+        prior_scale: float = 1.0,
+        prior_eps: float = 0.0,
+        prior_structure: str = "lowrank",
+        head_weight_decay: float = 1.0,
+        prior_update: str = "auto",
+        factor_dtype: str | None = None,
+        preprocess: Any = "auto",
+        augment: Any = None,
+        inference: str = "map",
+        n_samples: int = 20,
+        sample_start: float = 0.5,
+        sample_every: int = 1,
+        temperature: float = 1.0,
+        sgld_cycles: int = 4,
+        sample_lr: float | None = None,
+        inference_device: str = "cpu",
+        random_state: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(module, *args, criterion=criterion, train_split=train_split, **kwargs)
+        self.prior = prior
+        self.classes = classes
+        self.ignore_index = ignore_index
+        self.head = head
+        self.prior_scale = prior_scale
+        self.prior_eps = prior_eps
+        self.prior_structure = prior_structure
+        self.head_weight_decay = head_weight_decay
+        self.prior_update = prior_update
+        self.factor_dtype = factor_dtype
+        self.preprocess = preprocess
+        self.augment = augment
+        self.inference = inference
+        self.n_samples = n_samples
+        self.sample_start = sample_start
+        self.sample_every = sample_every
+        self.temperature = temperature
+        self.sgld_cycles = sgld_cycles
+        self.sample_lr = sample_lr
+        self.inference_device = inference_device
+        self.random_state = random_state
+
+    @property
+    def classes_(self) -> np.ndarray:
+        try:
+            return self.classes_fitted_
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} has no attribute 'classes_' before fit") from None
+
+    # -- hyperparameters -------------------------------------------------------------------------
+    def _check_segmenter_params(self) -> None:
+        ignore = self.ignore_index
+        if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, (int, np.integer))):
+            raise ConfigError(f"ignore_index must be an int or None, got {ignore!r}")
+        _check_choice(SegmentationHead, self.head, "head")
+        if self.augment is not None and not callable(self.augment):
+            raise ConfigError(f"augment must be a JointTransform, a callable (image, mask) -> (image, mask) or "
+                              f"None, got {type(self.augment).__name__}")
+        if "ignore_index" in self.get_params_for("criterion"):
+            raise ConfigError("set ignore_index on the segmenter (ignore_index=...), not criterion__ignore_index: "
+                              "the criterion sees encoded masks, whose ignored pixels the segmenter marks itself")
+        split = self.train_split
+        if isinstance(split, ValidSplit) and split.stratified:
+            raise ConfigError("a stratified validation split needs one label per image, but masks have one per "
+                              "pixel; use train_split=ValidSplit(cv, stratified=False)")
+
+    # -- masks -----------------------------------------------------------------------------------
+    def _fit_classes(self, masks: torch.Tensor) -> None:
+        """Learn ``classes_`` from the training masks, or check the given ``classes``."""
+        ignore = self.ignore_index
+        if self.classes is None:
+            values = torch.unique(masks).numpy()
+            classes = values[values != ignore] if ignore is not None else values
+            if len(classes) < 2:
+                found = ", ".join(str(v) for v in values.tolist())
+                raise DataError(f"the training masks hold {len(classes)} class id(s) besides ignore_index={ignore} "
+                                f"(values found: {found}); segmentation needs at least two classes; pass "
+                                "classes=[...] if some are missing from these masks")
+        else:
+            classes = _given_classes(self.classes)
+            if ignore is not None and ignore in set(classes.tolist()):
+                raise ConfigError(f"ignore_index={ignore} is also one of classes={classes.tolist()}; choose an ignore "
+                                  "value that no class uses")
+        self.classes_fitted_ = classes
+
+    def _encode(self, masks: torch.Tensor) -> torch.Tensor:
+        """Mask values -> indices of ``classes_``; ``ignore_index`` -> :data:`IGNORE_TARGET`."""
+        values, inverse = torch.unique(masks, return_inverse=True)
+        index = {int(c): i for i, c in enumerate(self.classes_.tolist())}
+        codes = torch.empty(len(values), dtype=torch.int64)
+        for j, value in enumerate(values.tolist()):
+            if value in index:
+                codes[j] = index[value]
+            elif value == self.ignore_index:
+                codes[j] = IGNORE_TARGET
+            else:
+                n, row, col = (int(v) for v in torch.nonzero(masks == value)[0])
+                raise DataError(
+                    f"mask value {value} (first at y[{n}], row {row}, column {col}) is not one of the classes "
+                    f"{_preview(self.classes_)} nor ignore_index={self.ignore_index}; pass classes=[...] listing "
+                    "every class id, or mark such pixels with ignore_index")
+        encoded = codes[inverse]
+        counted = (encoded != IGNORE_TARGET).flatten(1).any(1)
+        if not bool(counted.all()):
+            first = int((~counted).nonzero()[0])
+            raise DataError(f"mask y[{first}] has no pixel of any class (all ignore_index={self.ignore_index}), so "
+                            "it gives no training signal and a batch of such masks has an undefined loss; drop it")
+        return encoded
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def _prepare_Xy(self, X: Any, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed images and encoded masks at the preprocessed size."""
+        Xt = self._prepare_X(X)
+        yt = resize_masks(self._encode(masks), tuple(Xt.shape[-2:]))
+        return Xt, yt
+
+    # -- sklearn / skorch entry points -----------------------------------------------------------
+    def fit(self, X, y=None, **fit_params):
+        """Fine-tune on images ``X`` and masks ``y``.
+
+        Parameters
+        ----------
+        X : array-like
+            Images ``(N, H, W)``, ``(N, C, H, W)`` or ``(N, H, W, C)`` (or a list of them), or a
+            torch Dataset of ``(image, mask)`` pairs with ``y=None`` (read once into memory; use
+            ``augment`` for random transforms).
+        y : array-like of int, shape (N, H, W)
+            Class ids per pixel, same height and width as the images (or ``(N, 1, H, W)``).
+            Colour masks are refused: convert colours to class ids first.
+
+        Raises
+        ------
+        DataError
+            For masks that do not match their images (the index of the first mismatching pair is
+            named), RGB masks, or mask values outside ``classes`` (the value is named).
+        ConfigError
+            For invalid hyperparameters.
+        """
+        X, y = _pairs_from_dataset(X, y)
+        if y is None:
+            raise DataError("y is required: pass masks (N, H, W) of class ids, or a Dataset of (image, mask) pairs")
+        masks = _checked_masks(X, y)
+        fresh = not self.warm_start or not getattr(self, "initialized_", False)
+        X = self._validate_X(X, reset=fresh)
+        if fresh:
+            self._check_segmenter_params()
+            self._fit_classes(masks)
+            self._check_prior_hyperparameters()
+            self.prior_ = self._resolve_prior()
+            self.preprocess_ = self._fit_preprocess(X)
+        Xt, yt = self._prepare_Xy(X, masks)
+        self.input_shape_ = tuple(Xt.shape[1:])
+        self._in_fit_ = True
+        try:
+            return super().fit(Xt, yt, **fit_params)
+        finally:
+            del self._in_fit_
+
+    def partial_fit(self, X, y=None, classes=None, **fit_params):
+        if getattr(self, "_in_fit_", False):
+            return super().partial_fit(X, y, classes=classes, **fit_params)
+        if not getattr(self, "initialized_", False):
+            return self.fit(X, y, **fit_params)
+        X, y = _pairs_from_dataset(X, y)
+        masks = _checked_masks(X, y)
+        X = self._validate_X(X, reset=False)
+        return super().partial_fit(*self._prepare_Xy(X, masks), classes=classes, **fit_params)
+
+    def initialize_criterion(self):
+        super().initialize_criterion()
+        if hasattr(self.criterion_, "ignore_index"):
+            self.criterion_.ignore_index = IGNORE_TARGET
+        return self
+
+    def get_split_datasets(self, X, y=None, **fit_params):
+        train, valid = super().get_split_datasets(X, y, **fit_params)
+        augment = self.augment
+        if augment is not None:
+            if isinstance(augment, JointTransform):
+                # Padding must be ignored in the encoded targets, whatever value the user chose.
+                augment = JointTransform(augment.crop_size, hflip=augment.hflip, ignore_index=IGNORE_TARGET,
+                                         generator=augment.generator)
+            train = _JointlyTransformed(train, augment)
+        return train, valid
+
+    def _check_split(self, y: Any) -> None:
+        # Masks have no per-image label to stratify on; _check_segmenter_params refuses stratified splits.
+        return None
+
+    def get_loss(self, y_pred, y_true, X=None, training=False):
+        n_classes = len(self.classes_)
+        if y_pred.dim() != 4 or y_pred.shape[1] != n_classes:
+            raise ConfigError(f"the module returned logits of shape {tuple(y_pred.shape)}; a segmenter's module must "
+                              f"return (N, n_classes={n_classes}, H, W)")
+        return super().get_loss(_resize_logits(y_pred, tuple(y_true.shape[-2:])), y_true, X=X, training=training)
+
+    def _get_predict_nonlinearity(self):
+        if isinstance(self.predict_nonlinearity, str) and self.predict_nonlinearity == "auto":
+            self.check_is_fitted()
+            # skorch's 'auto' takes the softmax over the last dimension; classes are dimension 1 here.
+            return partial(torch.softmax, dim=1)
+        return super()._get_predict_nonlinearity()
+
+    def _proba(self, Xt: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        """The network's class probabilities for preprocessed ``Xt``, upsampled to ``size``."""
+        nonlin = self._get_predict_nonlinearity()
+        out = []
+        for logits in self.forward_iter(Xt, training=False, device=self.device):
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            # Upsample the logits, not the probabilities, so argmax sees the interpolated scores.
+            out.append(nonlin(_resize_logits(logits, size)).cpu().numpy())
+        return np.concatenate(out, axis=0)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities ``(N, C, H, W)`` at the inputs' size, channels in the order of ``classes_``.
+
+        With ``inference`` ``"swag"`` or ``"sgld"``, the average over the posterior samples.
+        """
+        self._check_fitted()
+        X, _ = _pairs_from_dataset(X, None, images_only=True)
+        X = self._validate_X(X, reset=False)
+        size = _image_size(X)
+        Xt = self._prepare_X(X)
+        return self._bayes_average(lambda: self._proba(Xt, size))
+
+    def predict(self, X) -> np.ndarray:
+        """Masks ``(N, H, W)`` of class ids (values of ``classes_``), at the inputs' size."""
+        proba = self.predict_proba(X)  # first: it raises NotFittedError before classes_ exists
+        return self.classes_[proba.argmax(axis=1)]
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """Mean intersection over union of ``predict(X)`` against masks ``y`` (``ignore_index`` skipped).
+
+        See :func:`sklearn_bayes_transfer.metrics.mean_iou`; classes absent from both truth and
+        prediction are left out of the mean.
+        """
+        if sample_weight is not None:
+            raise ConfigError("score does not support sample_weight: mean IoU pools the pixels of all images")
+        X, y = _pairs_from_dataset(X, y)
+        return miou_scorer(self, X, _checked_masks(X, y).numpy())
+
+    def _check_fitted(self) -> None:
+        from sklearn.exceptions import NotFittedError
+
+        if not getattr(self, "initialized_", False) or not hasattr(self, "classes_fitted_"):
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet; call 'fit' first")
+
+    # -- the default network ---------------------------------------------------------------------
+    def _build_head(self, backbone: nn.Module) -> nn.Module:
+        return build_segmentation_head(self.head, _feature_channels(backbone, self._example_input()),
+                                       len(self.classes_))
+
+    @classmethod
+    def _assemble_module(cls, backbone: nn.Module, head: nn.Module) -> nn.Module:
+        return SegmentationModel(backbone, head)
+
+    # -- model files (see sklearn_bayes_transfer.modelfile) --------------------------------------
+    def _head_spec(self) -> dict[str, Any]:
+        head = getattr(self.module_, "head", None)
+        kinds = {FCNHead: SegmentationHead.FCN, DeepLabV3Head: SegmentationHead.DEEPLABV3}
+        if type(head) not in kinds:
+            raise ConfigError(f"a model file can describe the segmentation heads {[k.value for k in kinds.values()]}, "
+                              f"not a {type(head).__name__}; pickle this estimator instead")
+        return {"kind": kinds[type(head)].value, "in_channels": head.in_channels, "n_classes": head.n_classes}
+
+    @classmethod
+    def _build_head_from_spec(cls, spec: dict[str, Any], backbone: nn.Module) -> nn.Module:
+        try:
+            return build_segmentation_head(spec["kind"], int(spec["in_channels"]), int(spec["n_classes"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid segmentation head spec {spec!r} ({type(exc).__name__}: {exc})") from None
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _preview(values: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(v) for v in values[:limit].tolist())
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+def _given_classes(classes: Any) -> np.ndarray:
+    if isinstance(classes, (int, np.integer)) and not isinstance(classes, bool):
+        if classes < 2:
+            raise ConfigError(f"classes={classes} is not valid; segmentation needs at least 2 classes")
+        return np.arange(int(classes))
+    array = np.asarray(classes)
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise ConfigError(f"classes must be an int or a 1-D sequence of integer class ids, got {classes!r}")
+    if len(np.unique(array)) != len(array):
+        raise ConfigError(f"classes={array.tolist()} lists a class id twice")
+    if len(array) < 2:
+        raise ConfigError(f"classes={array.tolist()} is not valid; segmentation needs at least 2 classes")
+    return array.astype(np.int64)
+
+
+def _feature_channels(backbone: nn.Module, example: torch.Tensor) -> int:
+    """Channels of ``backbone.forward_features``: its ``feature_channels``, else measured."""
+    if not callable(getattr(backbone, "forward_features", None)):
+        raise ConfigError(f"backbone {type(backbone).__name__} has no forward_features(x) returning feature maps "
+                          "(N, C, h, w), which a segmentation head needs; pass module=... (your own network)")
+    channels = getattr(backbone, "feature_channels", None)
+    if isinstance(channels, int):
+        return channels
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            maps = backbone.forward_features(example)
+    finally:
+        backbone.train(was_training)
+    if maps.dim() != 4:
+        raise ConfigError(f"backbone {type(backbone).__name__}.forward_features returned shape {tuple(maps.shape)}, "
+                          "expected feature maps (N, C, h, w)")
+    return int(maps.shape[1])
+
+
+def _pairs_from_dataset(X: Any, y: Any, *, images_only: bool = False) -> tuple[Any, Any]:
+    """A torch Dataset of images or ``(image, mask)`` pairs -> lists of arrays (read once)."""
+    if not isinstance(X, torch.utils.data.Dataset) or isinstance(X, torch.Tensor):
+        return X, y
+    if getattr(X, "transform", None) is not None:
+        raise ConfigError(f"the {type(X).__name__} given has a transform, which would be applied once when it is "
+                          "read; pass the random transform to the segmenter as augment=... instead")
+    items = [X[i] for i in range(len(X))]
+    pairs = all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items)
+    if images_only:
+        return [_as_numpy(item[0] if pairs else item) for item in items], None
+    if y is not None or not pairs:
+        raise DataError("pass a Dataset of (image, mask) pairs with y=None, or arrays X and y")
+    return [_as_numpy(image) for image, _ in items], [_as_numpy(mask) for _, mask in items]
+
+
+def _image_size(X: Any) -> tuple[int, int]:
+    """Height and width of the images (one size for all; lists of other sizes are refused later)."""
+    first = as_image_tensor(X[:1] if not isinstance(X, tuple) else list(X[:1]))
+    return int(first.shape[2]), int(first.shape[3])
+
+
+def _mask_hw(shape: tuple[int, ...], where: str) -> tuple[int, int]:
+    """Height and width of one mask of ``shape``; colour masks are refused with a clear message."""
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    if len(shape) == 3:
+        if shape[0] == 1:
+            return shape[1], shape[2]
+        if shape[2] == 1:
+            return shape[0], shape[1]
+        if shape[0] in (3, 4) or shape[2] in (3, 4):
+            raise DataError(f"{where} has shape {shape}, which looks like an RGB(A) colour image; masks must hold "
+                            "one class id per pixel, (N, H, W): convert each colour to its class id first")
+    raise DataError(f"{where} has shape {shape}; masks must be (N, H, W) (or (N, 1, H, W)) class ids")
+
+
+def _checked_masks(X: Any, y: Any) -> torch.Tensor:
+    """Masks as an int64 tensor ``(N, H, W)``, checked against the images pair by pair."""
+    n_images, n_masks = len(X), len(y)
+    if n_images != n_masks:
+        raise DataError(f"X holds {n_images} images but y holds {n_masks} masks; give one mask per image")
+    per_item = isinstance(X, (list, tuple)) or isinstance(y, (list, tuple))
+    y_shape = None if per_item else tuple(np.shape(y))
+    if y_shape is not None and len(y_shape) != 3 and len(y_shape) != 4:
+        raise DataError(f"y has shape {y_shape}; masks must be (N, H, W) (or (N, 1, H, W)) class ids")
+    for i in range(n_images if per_item else min(n_images, 1)):
+        where = f"mask y[{i}]" if per_item else "y"
+        mask_hw = _mask_hw(tuple(np.shape(y[i])) if per_item else y_shape[1:], where)
+        image_hw = _image_size([X[i]] if per_item else X[:1])
+        if image_hw != mask_hw:
+            raise DataError(f"image X[{i}] is {image_hw[0]}x{image_hw[1]} but its mask y[{i}] is "
+                            f"{mask_hw[0]}x{mask_hw[1]} (height x width); a mask must have its image's size")
+    if per_item:
+        y = np.stack([_as_numpy(m).reshape(_mask_hw(np.shape(m), "mask")) for m in y])
+    elif len(y_shape) == 4 and y_shape[3] == 1 and y_shape[1] != 1:
+        y = y[..., 0]
+    return as_mask_tensor(y)
