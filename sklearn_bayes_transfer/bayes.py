@@ -53,8 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 from skorch.callbacks import Callback
-from skorch.dataset import unpack_data
-from skorch.dataset import get_len
+from skorch.dataset import get_len, unpack_data
 from skorch.utils import multi_indexing
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -69,6 +68,7 @@ __all__ = [
     "BayesianInferenceCallback",
     "BayesianInferenceMixin",
     "Inference",
+    "PriorPrecisionSampler",
     "SamplingPlan",
     "batchnorm_buffers",
     "cyclical_step_size",
@@ -222,22 +222,40 @@ def cyclical_step_size(step: int, total_steps: int, cycles: int, max_lr: float) 
 
 
 # -- Langevin noise -----------------------------------------------------------------------------------
-def _prior_precision_sample(penalty: PriorPenalty, like: Sequence[torch.Tensor],
-                            generator: torch.Generator | None) -> list[torch.Tensor]:
-    """``P s`` with ``s ~ N(0, Sigma)`` for the penalty's ``Sigma = diag(d) + scale F^T F`` (so ``P s ~ N(0, P)``),
-    split like the penalty's parameters and on their device."""
-    prior = penalty.prior
-    device = like[0].device
-    d = (penalty.scale * prior.variance.to(device, torch.float64) + penalty.eps).to(torch.float32)
-    s = d.sqrt_().mul_(torch.randn(prior.n_params, generator=generator, device=device))
-    if prior.rank:
-        z = torch.randn(prior.rank, generator=generator, device=device)
-        factor = prior.factor.to(device, torch.float32)
-        s.add_(z @ factor, alpha=math.sqrt(penalty.scale))
-    s.add_(prior.mean.to(device, torch.float32))
-    points = [v.detach().to(t.dtype).requires_grad_(True) for v, t in zip(prior.split(s).values(), like)]
-    with torch.enable_grad():
-        return list(torch.autograd.grad(penalty(points), points))
+class PriorPrecisionSampler:
+    """Draws ``P s`` with ``s ~ N(0, Sigma)``, i.e. a sample of ``N(0, P)``, for a penalty's prior.
+
+    ``Sigma = diag(d) + scale * F^T F`` is the covariance the penalty uses (``d = scale *
+    variance + eps``, its reduced prior's factor ``F``) and ``P = Sigma^{-1}``: ``s`` costs one
+    pass over the factor and ``P s`` is the gradient of the penalty at ``mean + s`` (its own two
+    passes). ``sqrt(d)``, the mean and the factor are prepared once, on ``device``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_bayes_transfer import Prior, PriorPenalty
+    >>> prior = Prior.from_module(torch.nn.Linear(3, 2), variance=0.5)
+    >>> sampler = PriorPrecisionSampler(PriorPenalty(prior), "cpu")
+    >>> [tuple(t.shape) for t in sampler.sample(torch.Generator().manual_seed(0))]
+    [(2, 3), (2,)]
+    """
+
+    def __init__(self, penalty: PriorPenalty, device: str | torch.device) -> None:
+        prior = penalty.prior
+        device = torch.device(device)
+        self.penalty = penalty
+        self.sqrt_d = (penalty.scale * prior.variance.to(device, torch.float64) + penalty.eps).sqrt_().float()
+        self.mean = prior.mean.to(device, torch.float32)
+        self.factor = (prior.factor.to(device, torch.float32) * math.sqrt(penalty.scale)) if prior.rank else None
+
+    def sample(self, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """``P s`` split into the prior's parameter shapes (float32, on the sampler's device)."""
+        s = torch.randn(self.mean.shape, generator=generator, device=self.mean.device).mul_(self.sqrt_d)
+        if self.factor is not None:
+            s.add_(torch.randn(len(self.factor), generator=generator, device=s.device) @ self.factor)
+        points = [v.detach().requires_grad_(True) for v in self.penalty.prior.split(s.add_(self.mean)).values()]
+        with torch.enable_grad():
+            return list(torch.autograd.grad(self.penalty(points), points))
 
 
 @torch.no_grad()
@@ -246,7 +264,7 @@ def langevin_noise_(
     steps: Sequence[float],
     temperature: float,
     generator: torch.Generator | None = None,
-    prox: tuple[PriorPenalty, Sequence[torch.Tensor]] | None = None,
+    prox: tuple[PriorPenalty | PriorPrecisionSampler, Sequence[torch.Tensor]] | None = None,
 ) -> None:
     """Add one step's Langevin noise to ``params``, in place (see the module docstring).
 
@@ -260,11 +278,11 @@ def langevin_noise_(
         ``T >= 0``; ``0`` adds nothing.
     generator : torch.Generator, optional
         Source of the noise, on the tensors' device.
-    prox : (PriorPenalty, sequence of tensors), optional
-        A penalty and the tensors it covers (some of ``params``) when ``penalty.prox_`` with the
-        same ``steps`` follows: those get noise ``sqrt(2 T eps) xi + sqrt(T) eps P s``
-        (covariance ``T (2 S + S P S)``), which the prox turns into an exact Langevin step for
-        the prior; the others get ``sqrt(2 T eps) xi``.
+    prox : (PriorPenalty or PriorPrecisionSampler, sequence of tensors), optional
+        A penalty (or a sampler prepared for it) and the tensors it covers (some of ``params``)
+        when ``penalty.prox_`` with the same ``steps`` follows: those get noise
+        ``sqrt(2 T eps) xi + sqrt(T) eps P s`` (covariance ``T (2 S + S P S)``), which the prox
+        turns into an exact Langevin step for the prior; the others get ``sqrt(2 T eps) xi``.
 
     Examples
     --------
@@ -278,8 +296,10 @@ def langevin_noise_(
         return
     shaped: dict[int, torch.Tensor] = {}
     if prox is not None:
-        penalty, covered = prox
-        shaped = {id(p): v for p, v in zip(covered, _prior_precision_sample(penalty, covered, generator))}
+        sampler, covered = prox
+        if not isinstance(sampler, PriorPrecisionSampler):
+            sampler = PriorPrecisionSampler(sampler, covered[0].device)
+        shaped = {id(p): v.to(p.dtype) for p, v in zip(covered, sampler.sample(generator))}
     for p, eps in zip(params, steps):
         if eps == 0:
             continue
@@ -406,6 +426,7 @@ class BayesianInferenceCallback(Callback):
         self.plan_: SamplingPlan | None = None
         self.swag_: SwagCallback | None = None
         self.store_: torch.Tensor | None = None
+        self.prox_: tuple[PriorPrecisionSampler, list[torch.Tensor]] | None = None
         self._remove_hook()
         return self
 
@@ -444,6 +465,11 @@ class BayesianInferenceCallback(Callback):
         self.steps_per_epoch_ = 1
         self.max_lr_ = float(net.sample_lr if net.sample_lr is not None else net.lr)
         if float(net.temperature) > 0:
+            prox = net._langevin_prox()
+            if prox is not None:
+                penalty, covered = prox
+                prox = (PriorPrecisionSampler(penalty, covered[0].device), covered)
+            self.prox_ = prox
             self.hook_ = net.optimizer_.register_step_post_hook(lambda optimizer, args, kwargs: self._noise(net))
 
     @staticmethod
@@ -493,7 +519,7 @@ class BayesianInferenceCallback(Callback):
             steps += [float(group["lr"]) / n] * len(group["params"])
         if params:
             langevin_noise_(params, steps, float(net.temperature), self._generator(params[0].device),
-                            prox=net._langevin_prox())
+                            prox=self.prox_)
 
     def on_batch_end(self, net: Any, batch: Any = None, training: bool = False, **kwargs: Any) -> None:
         if self.swag_ is not None:
@@ -524,8 +550,8 @@ class BayesianInferenceCallback(Callback):
                 net.samples_ = samples
                 net.sample_buffers_ = self._sample_buffers(net, samples, X)
         finally:
-            # The SWAG moments and the sample store are not needed after fit: free them.
-            self.swag_ = self.store_ = None
+            # The SWAG moments, the sample store and the prior sampler are not needed after fit.
+            self.swag_ = self.store_ = self.prox_ = None
 
     def _swag_samples(self, net: Any) -> torch.Tensor | None:
         collector = self.swag_.collector_
@@ -698,8 +724,8 @@ class BayesianInferenceMixin:
             raise PriorFormatError(f"the model file's 'samples' must be a float tensor of shape (S >= 1, {d}), got "
                                    f"{getattr(samples, 'shape', type(samples).__name__)}")
         if not (isinstance(buffers, torch.Tensor) and tuple(buffers.shape) == (len(samples), b)):
-            raise PriorFormatError(f"the model file's 'sample_buffers' must be a tensor of shape ({len(samples)}, {b}), "
-                                   f"got {getattr(buffers, 'shape', type(buffers).__name__)}")
+            raise PriorFormatError(f"the model file's 'sample_buffers' must be a tensor of shape ({len(samples)}, "
+                                   f"{b}), got {getattr(buffers, 'shape', type(buffers).__name__)}")
         inference = _as_enum(Inference, extras.get("inference", self.inference), "inference")
         storage = _as_device(self.inference_device)
         self.inference = inference.value

@@ -647,7 +647,7 @@ def _pairs_from_dataset(X: Any, y: Any, *, images_only: bool = False) -> tuple[A
 
 def _image_size(X: Any) -> tuple[int, int]:
     """Height and width of the images (one size for all; lists of other sizes are refused later)."""
-    first = as_image_tensor(X[:1] if not isinstance(X, tuple) else list(X[:1]))
+    first = as_image_tensor(X[:1])
     return int(first.shape[2]), int(first.shape[3])
 
 
@@ -675,6 +675,7 @@ def _checked_masks(X: Any, y: Any) -> torch.Tensor:
     y_shape = None if per_item else tuple(np.shape(y))
     if y_shape is not None and len(y_shape) != 3 and len(y_shape) != 4:
         raise DataError(f"y has shape {y_shape}; masks must be (N, H, W) (or (N, 1, H, W)) class ids")
+    first_hw = None
     for i in range(n_images if per_item else min(n_images, 1)):
         where = f"mask y[{i}]" if per_item else "y"
         mask_hw = _mask_hw(tuple(np.shape(y[i])) if per_item else y_shape[1:], where)
@@ -682,6 +683,11 @@ def _checked_masks(X: Any, y: Any) -> torch.Tensor:
         if image_hw != mask_hw:
             raise DataError(f"image X[{i}] is {image_hw[0]}x{image_hw[1]} but its mask y[{i}] is "
                             f"{mask_hw[0]}x{mask_hw[1]} (height x width); a mask must have its image's size")
+        first_hw = first_hw or image_hw
+        if image_hw != first_hw:
+            raise DataError(f"images and masks in a list must all have one size to be stacked: X[0] is "
+                            f"{first_hw[0]}x{first_hw[1]} but X[{i}] is {image_hw[0]}x{image_hw[1]}; resize them "
+                            "first (e.g. load_segmentation_folder(..., image_size=...))")
     if per_item:
         y = np.stack([_as_numpy(m).reshape(_mask_hw(np.shape(m), "mask")) for m in y])
     elif len(y_shape) == 4 and y_shape[3] == 1 and y_shape[1] != 1:

@@ -17,6 +17,7 @@ from sklearn_bayes_transfer.data import save_image
 from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.swag import SwagCallback
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP

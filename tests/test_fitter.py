@@ -29,6 +29,7 @@ from sklearn_bayes_transfer.fitter import (
 )
 from sklearn_bayes_transfer.swag import SwagCallback, SwagCollector
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP

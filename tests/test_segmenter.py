@@ -322,6 +322,10 @@ def test_mask_and_image_sizes_must_match():
         fitted(images, maps)
     with pytest.raises(DataError, match="X holds 4 images but y holds 3 masks"):
         fitted(X, masks[:3])
+    images[3], maps[2] = images[3][:, :9], masks[2]
+    maps[3] = maps[3][:, :9]
+    with pytest.raises(DataError, match=r"one size to be stacked: X\[0\] is 12x12 but X\[3\] is 12x9"):
+        fitted(images, maps)
 
 
 def test_mask_values_outside_the_classes_are_named():

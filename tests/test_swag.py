@@ -15,6 +15,7 @@ from sklearn_bayes_transfer import Prior
 from sklearn_bayes_transfer.exceptions import ConfigError, PriorMismatchError
 from sklearn_bayes_transfer.swag import SwagCallback, SwagCollector, default_swag_params
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
