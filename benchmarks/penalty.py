@@ -95,7 +95,6 @@ def main() -> None:
             name = str(dtype).replace("torch.", "")
             dist_txt = f"{dist_ms:16.1f} {dist_ms / t_ours:7.1f}x" if dist_ms else f"{'-':>16} {'-':>8}"
             print(f"{rank:>3} {name:>9} | {t_ours:8.1f} {t_floor:9.1f} {t_ours / t_floor:9.2f}x | {dist_txt}", flush=True)
-            del penalty, w_t
 
 
 if __name__ == "__main__":

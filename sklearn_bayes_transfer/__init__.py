@@ -21,6 +21,8 @@ from .penalty import PriorPenalty  # noqa: E402
 from .fitter import PriorFitter  # noqa: E402
 from .classifier import PriorRegularizedClassifier  # noqa: E402
 from .segmenter import PriorRegularizedSegmenter  # noqa: E402
+from .bayes import Inference  # noqa: E402
+from .modelfile import ModelFileError, load_model, save_model  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -37,4 +39,8 @@ __all__ = [
     "PriorFitter",
     "PriorRegularizedClassifier",
     "PriorRegularizedSegmenter",
+    "Inference",
+    "ModelFileError",
+    "load_model",
+    "save_model",
 ]

@@ -30,7 +30,7 @@ from skorch.dataset import ValidSplit
 from skorch.helper import SliceDataset
 from torch import nn
 
-from .backbones import backbone_from_meta, feature_dim_of
+from .backbones import backbone_from_meta
 from .bayes import BayesianInferenceMixin
 from .data import Preprocess, TransformedDataset, prepare_images
 from .exceptions import ConfigError, DataError, PriorMismatchError, TrainingDivergedError

@@ -24,6 +24,16 @@ from sklearn_bayes_transfer import Prior
 
 __all__ = ["MLP_SHAPES", "OfficialFiles", "TinyResNet", "make_mlp", "make_random_prior"]
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny test models gain nothing from intra-op threads; on a shared 2-core machine threads
+    waiting for each other made tiny convolutions 10-20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 #: Shapes of ``make_mlp()``'s parameters: Linear(3, 4), Linear(4, 5), Linear(5, 2).
 MLP_SHAPES = ((4, 3), (4,), (5, 4), (5,), (2, 5), (2,))
 MLP_NAMES = ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias")

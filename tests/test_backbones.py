@@ -21,14 +21,6 @@ from sklearn_bayes_transfer.backbones import (
 from sklearn_bayes_transfer.exceptions import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    threads waiting for each other made these tests 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

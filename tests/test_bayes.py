@@ -34,14 +34,6 @@ from sklearn_bayes_transfer.metrics import negative_log_likelihood
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: intra-op threads gain nothing, and on a busy 2-core machine their
-    barriers cost 10-20x the work (2 s vs 36 s for the NLL test here). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

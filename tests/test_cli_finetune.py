@@ -25,14 +25,6 @@ PREPROCESS = {"image_size": [8, 8], "channels": 1, "mean": [0.5], "std": [0.25]}
 FAST = ["--epochs", "3", "--lr", "0.05", "--batch-size", "8", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine's 2 cores are shared; tiny convolutions oversubscribed across threads
-    # run many times slower than on one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def one_line_error(result, *needles: str) -> str:

@@ -18,14 +18,6 @@ from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.swag import SwagCallback
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    threads waiting for each other made these tests 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 FAST = ["--backbone", "small_cnn", "--backbone-kwargs", '{"width": 4}', "--epochs", "3", "--swag-start", "1",

@@ -30,14 +30,6 @@ from sklearn_bayes_transfer.fitter import (
 from sklearn_bayes_transfer.swag import SwagCallback, SwagCollector
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    threads waiting for each other made these tests 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 FAST = dict(backbone="small_cnn", backbone_kwargs={"width": 4}, epochs=3, swag_start=1, rank=2,

@@ -25,14 +25,6 @@ from sklearn_bayes_transfer.regularized import BackboneWithHead
 PREPROCESS = {"image_size": [8, 8], "channels": 1, "mean": [0.4], "std": [0.3]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine's 2 cores are shared; tiny convolutions oversubscribed across threads
-    # run many times slower than on one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class _TouchOnUnpickle:

@@ -32,14 +32,6 @@ from sklearn_bayes_transfer.segmenter import (
 CLASSES = (0, 3, 7)  # non-contiguous ids, so label <-> index mix-ups show
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine's 2 cores are shared; tiny convolutions oversubscribed across threads
-    # run ~100x slower than on one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_prior(rank: int = 2, seed: int = 0) -> Prior:

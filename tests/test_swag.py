@@ -16,14 +16,6 @@ from sklearn_bayes_transfer.exceptions import ConfigError, PriorMismatchError
 from sklearn_bayes_transfer.swag import SwagCallback, SwagCollector, default_swag_params
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    threads waiting for each other made these tests 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 SHAPES = [(4, 5), (5,), (3, 2, 2)]
