@@ -161,6 +161,8 @@ def main() -> None:
             term = median_seconds(prior_term(nets[name]), 2 * args.steps + 1, args.device)
             row += f"{100 * (median - base) / base:>+9.1f}%{1e3 * term:>15.1f}{100 * term / base:>10.2f}%"
         print(row)
+    print("\noverhead: difference of the step medians (steps vary by a few % on a shared CPU); prior term: the\n"
+          "proximal step, or the penalty's value + backward, timed alone on the same net (median).")
 
 
 if __name__ == "__main__":

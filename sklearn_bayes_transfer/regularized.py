@@ -17,6 +17,7 @@ gradient. That forward-backward splitting is stable for every ``prior_scale``; s
 
 from __future__ import annotations
 
+import contextlib
 import math
 from enum import Enum
 from pathlib import Path
@@ -27,7 +28,6 @@ import torch
 from sklearn.utils import check_array
 from skorch.callbacks import Callback, PassthroughScoring
 from skorch.dataset import ValidSplit
-from skorch.helper import SliceDataset
 from torch import nn
 
 from .backbones import backbone_from_meta
@@ -179,14 +179,17 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
 
     def _prepare_X(self, X: Any) -> Any:
         """Images as a float32 tensor (arrays) or a lazily preprocessed dataset (datasets)."""
-        if isinstance(X, SliceDataset):
-            # GridSearchCV over a Dataset goes through SliceDataset; materialise the slice.
-            X = np.stack([np.asarray(x) for x in X])
         if isinstance(X, torch.utils.data.Dataset):
             return TransformedDataset(X, self.preprocess_)
         return prepare_images(_reshape_rows(X, self.preprocess_), self.preprocess_)
 
     # -- skorch hooks -----------------------------------------------------------------------------
+    def fit(self, X, y=None, **fit_params):
+        """As skorch's ``fit``; with ``random_state`` set, the whole fit (head initialisation,
+        shuffling, dropout, sampling) is reproducible and torch's global RNG is left untouched."""
+        with _seeded(getattr(self, "random_state", None)):
+            return super().fit(X, y, **fit_params)
+
     def initialize_module(self):
         """Build the default module (prior's backbone + new head) or the user's, then bind the prior."""
         self._check_prior_hyperparameters()
@@ -270,7 +273,8 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         if not math.isfinite(float(loss.detach())):
             raise TrainingDivergedError(
                 f"the training loss became {float(loss.detach())} in epoch {len(self.history)} (task loss "
-                f"{task_v:.4g}, prior term {prior_v / n:.4g}); {self._divergence_advice()}")
+                f"{task_v:.4g}, prior term {prior_v / n:.4g}); {self._divergence_advice()}; training stopped before "
+                "taking that step")
         self.history.record_batch("task_loss", task_v)
         self.history.record_batch("prior_nll", prior_v / n)
         self.history.record_batch("head_nll", head_v / n)
@@ -282,7 +286,7 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         if self.penalty_ is not None and rule is PriorUpdate.GRADIENT:
             advice += (", use optimizer=torch.optim.SGD with prior_update='proximal' (stable for every prior_scale), "
                        "raise prior_scale or set prior_eps > 0")
-        return advice + "; no weights were kept from the diverged step"
+        return advice
 
     def train_step(self, batch, **fit_params):
         step = super().train_step(batch, **fit_params)
@@ -360,6 +364,20 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
 
 
 # -- helpers --------------------------------------------------------------------------------------
+def _seeded(random_state: Any) -> contextlib.AbstractContextManager:
+    """Seed torch's CPU generator for a block and restore it afterwards (no-op for ``None``)."""
+    if random_state is None:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def block():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(random_state))
+            yield
+
+    return block()
+
+
 def _factor_dtype(value: Any) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value

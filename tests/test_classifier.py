@@ -41,6 +41,7 @@ from sklearn_bayes_transfer import (
     TrainingDivergedError,
 )
 from sklearn_bayes_transfer.backbones import get_backbone
+from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
 
 DIGIT_NAMES = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
@@ -223,6 +224,7 @@ def _badly_initialised_linear_net() -> LinearNet:
     return net
 
 
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
 def test_grid_search_picks_the_prior_scale_that_generalises(digits, good_linear_prior):
     # A tight prior pins the network to weights that work; a loose one leaves it to fit 30
     # examples from a bad initialisation in 3 epochs. Held-out folds must tell them apart.
@@ -358,6 +360,7 @@ def test_torch_dataset_input_matches_arrays(digits):
     np.testing.assert_array_equal(on_dataset.predict(dataset), on_arrays.predict(X))
 
 
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
 def test_grid_search_over_a_dataset_with_slice_dataset(digits):
     """GridSearchCV over a torch Dataset, in parallel.
 
@@ -470,3 +473,20 @@ def test_predict_before_fit_raises_not_fitted(digits):
     X, _ = _subset(digits, 5)
     with pytest.raises(NotFittedError):
         PriorRegularizedClassifier(_cnn_prior()).predict(X)
+
+
+def test_random_state_makes_fits_reproducible_without_touching_global_rng():
+    X, y = load_digits_images()
+    X, y = X[:60], y[:60]
+    prior = Prior.from_module(get_backbone("small_cnn", width=4), variance=0.01)
+
+    def fit(seed):
+        return PriorRegularizedClassifier(prior, max_epochs=2, lr=0.1, batch_size=16, verbose=0,
+                                          iterator_train__shuffle=True, random_state=seed).fit(X, y)
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a, b, c = fit(0), fit(0), fit(1)
+    assert torch.equal(torch.get_rng_state(), state)
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+    assert not np.allclose(a.predict_proba(X), c.predict_proba(X))
