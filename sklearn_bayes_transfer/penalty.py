@@ -302,6 +302,7 @@ class PriorPenalty:
         grads = [torch.empty(p.shape, dtype=dtype, device=device) for p in params]
         flat_grads = [g.view(-1) for g in grads]
         zg = z * grad_output
+        go = float(grad_output)
         for chunk in plan:
             n = chunk.stop - chunk.start
             if len(chunk.pieces) == 1:
@@ -310,14 +311,16 @@ class PriorPenalty:
             else:
                 g = scratch_g[:n]
             if reuse:
-                torch.mul(pre.rd[chunk.start:chunk.stop], grad_output, out=g)
+                rd = pre.rd[chunk.start:chunk.stop]
             else:
                 w = self._gather(chunk, flat, scratch_w)
                 rc = torch.sub(w, pre.mean[chunk.start:chunk.stop], out=r[:n])
-                torch.mul(rc, pre.inv_d[chunk.start:chunk.stop], out=g)
-                g.mul_(grad_output)
+                rd = torch.mul(rc, pre.inv_d[chunk.start:chunk.stop], out=r[:n])
             if k:
-                g.addmv_(self._factor_chunk(pre, chunk, scratch_f).T, zg, alpha=-1)
+                # g = go * r/d - W (go * z), one fused pass over the chunk.
+                torch.addmv(rd, self._factor_chunk(pre, chunk, scratch_f).T, zg, beta=go, alpha=-1, out=g)
+            else:
+                torch.mul(rd, go, out=g)
             if len(chunk.pieces) > 1:
                 pos = 0
                 for piece in chunk.pieces:
