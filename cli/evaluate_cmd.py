@@ -1,8 +1,10 @@
-"""``bt-transfer evaluate``: accuracy and calibration of a model file on a labelled image folder."""
+"""``bt-transfer evaluate``: accuracy and calibration of a model file on a labelled image folder, or mean
+IoU, pixel accuracy and per-class IoU of a segmentation model on images and their masks."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -10,20 +12,38 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from sklearn_bayes_transfer.data import ImageFolder
-from sklearn_bayes_transfer.exceptions import DataError
+from sklearn_bayes_transfer.data import ImageFolder, load_segmentation_folder
+from sklearn_bayes_transfer.exceptions import ConfigError, DataError
 from sklearn_bayes_transfer.metrics import (
     accuracy,
     brier_score,
     expected_calibration_error,
+    mean_iou,
     negative_log_likelihood,
+    per_class_iou,
+    pixel_accuracy,
     reliability_diagram,
 )
+from sklearn_bayes_transfer.modelfile import load_model
+from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter
 
 from ._app import app, console, handle_errors, resolve_device
-from .predict_cmd import check_output, image_dataset, load_classifier
+from .predict_cmd import (
+    MASK_CHUNK,
+    check_classifier,
+    check_output,
+    collect_image_names,
+    image_dataset,
+    image_file_size,
+    model_channels,
+)
 
-__all__ = ["evaluate", "true_class_indices"]
+__all__ = ["evaluate", "segmentation_scores", "true_class_indices"]
+
+#: Equal-width confidence bins of the ECE when ``--bins`` is not given.
+DEFAULT_BINS = 15
+#: Class index of ignored pixels for the segmentation metrics (outside ``0..n_classes-1``).
+_IGNORED = -1
 
 
 def true_class_indices(folder_classes: list[str], targets: np.ndarray, model_classes: np.ndarray,
@@ -66,21 +86,136 @@ def _print_table(info: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _evaluation_size(estimator: PriorRegularizedSegmenter, paths: list[Path], data: Path) -> tuple[int, int] | None:
+    """``None`` (the images' own size, the masks as drawn) when all images share one size, else the
+    model's input size, to which images (bilinear) and masks (nearest) are then resized."""
+    sizes = [image_file_size(path) for path in paths]
+    odd = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
+    if odd is None:
+        return None
+    preprocess = getattr(estimator, "preprocess_", None)
+    if preprocess is None or preprocess.image_size is None:
+        raise DataError(f"images in '{data}' have different sizes: '{paths[0]}' is {sizes[0][0]}x{sizes[0][1]} and "
+                        f"'{paths[odd]}' is {sizes[odd][0]}x{sizes[odd][1]} (height x width), and the model records "
+                        "no input size to resize them to; evaluate the images of each size separately")
+    return preprocess.image_size
+
+
+def _positions(values: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The index in ``classes`` of each value, and whether the value is one of ``classes`` at all."""
+    order = np.argsort(classes, kind="stable")
+    index = order[np.minimum(np.searchsorted(classes, values, sorter=order), len(classes) - 1)]
+    return index, classes[index] == values
+
+
+def _class_indices(masks: np.ndarray, classes: np.ndarray, ignore_index: int | None, paths: list[Path],
+                   masks_dir: Path) -> np.ndarray:
+    """Mask values -> indices of ``classes``, ignored pixels -> ``_IGNORED``; other values are refused."""
+    index, known = _positions(masks, classes)
+    unknown = ~known if ignore_index is None else ~known & (masks != ignore_index)
+    if unknown.any():
+        image = int(np.argwhere(unknown)[0][0])
+        value = int(masks[image][unknown[image]][0])
+        ignored = "" if ignore_index is None else f" and not its ignore_index ({ignore_index})"
+        fix = "" if ignore_index is None else f", or set such pixels to {ignore_index}"
+        raise DataError(f"the mask of image '{paths[image]}' (in '{masks_dir}') holds the value {value}, which is "
+                        f"not one of the model's classes {classes.tolist()}{ignored}; evaluate a model trained "
+                        f"with that class{fix}")
+    return np.where(known, index, _IGNORED)
+
+
+def segmentation_scores(estimator: PriorRegularizedSegmenter, data: Path, masks: Path) -> dict[str, Any]:
+    """Mean IoU, pixel accuracy and per-class IoU (NaN where a class is absent from both the truth
+    and the prediction) of ``estimator`` on the images in ``data`` and their masks in ``masks``.
+
+    Pixels whose mask value is the model's ``ignore_index`` are not counted; mask values outside
+    the model's classes are refused, naming the image.
+    """
+    # load_segmentation_folder returns the pairs in the order of their names.
+    entries = sorted(collect_image_names([data]), key=lambda entry: entry[1])
+    paths = [path for path, _ in entries]
+    size = _evaluation_size(estimator, paths, data)
+    X, truth = load_segmentation_folder(data, masks, image_size=size, channels=model_channels(estimator))
+    classes = np.asarray(estimator.classes_)
+    ignore_index = estimator.ignore_index
+    truth = _class_indices(truth, classes, ignore_index, paths, masks)
+    predicted, _ = _positions(np.concatenate([estimator.predict(X[start:start + MASK_CHUNK])
+                                              for start in range(0, len(X), MASK_CHUNK)]), classes)
+    args = (truth, predicted, len(classes))
+    return {
+        "data": str(data), "masks": str(masks), "n_images": len(X),
+        "resized_to": None if size is None else list(size),
+        "classes": classes.tolist(), "ignore_index": ignore_index,
+        "mean_iou": mean_iou(*args, ignore_index=_IGNORED),
+        "pixel_accuracy": pixel_accuracy(*args, ignore_index=_IGNORED),
+        "per_class_iou": {str(c): float(v) for c, v in zip(classes.tolist(), per_class_iou(*args,
+                                                                                         ignore_index=_IGNORED))},
+    }
+
+
+def _print_segmentation_table(info: dict[str, Any]) -> None:
+    table = Table(title=f"{info['model']} on {info['data']} (masks: {info['masks']})", show_header=False,
+                  title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("value")
+    resized = info["resized_to"]
+    table.add_row("images", str(info["n_images"]) + (f" (resized to {resized[0]}x{resized[1]})" if resized else ""))
+    table.add_row("pixel accuracy", f"{info['pixel_accuracy']:.4f}")
+    table.add_row("mean IoU", f"{info['mean_iou']:.4f}")
+    for label, value in info["per_class_iou"].items():
+        table.add_row(f"IoU of class {label}", "nan (absent)" if math.isnan(value) else f"{value:.4f}")
+    console.print(table)
+
+
+def _evaluate_segmenter(estimator: PriorRegularizedSegmenter, model: Path, data: Path, masks: Path | None,
+                        bins: int | None, diagram: Path | None, as_json: bool) -> None:
+    if masks is None:
+        raise ConfigError(f"model file '{model}' holds a PriorRegularizedSegmenter: pass --masks DIR, the masks of "
+                          "the images in --data (paired by name without extension)")
+    calibration = [name for name, value in (("--bins", bins), ("--reliability-diagram", diagram)) if value is not None]
+    if calibration:
+        raise ConfigError(f"{' and '.join(calibration)} measure a classifier's calibration; model file '{model}' "
+                          "holds a PriorRegularizedSegmenter, for which evaluate reports IoU: drop "
+                          f"{'it' if len(calibration) == 1 else 'them'}")
+    info = {"model": str(model), **segmentation_scores(estimator, data, masks)}
+    if as_json:
+        # JSON has no NaN: a class without an IoU is null.
+        per_class = {label: None if math.isnan(value) else value for label, value in info["per_class_iou"].items()}
+        typer.echo(json.dumps({**info, "per_class_iou": per_class}, indent=2))
+        return
+    _print_segmentation_table(info)
+
+
 @app.command("evaluate")
 @handle_errors
 def evaluate(
     model: Annotated[Path, typer.Option("--model", help="Model file written by finetune.")],
-    data: Annotated[Path, typer.Option("--data", help="Test image folder with one subfolder per class.")],
+    data: Annotated[Path, typer.Option("--data", help="Test image folder: one subfolder per class "
+                                       "(classification), or the images whose masks are in --masks (segmentation).")],
+    masks: Annotated[Optional[Path], typer.Option(
+        "--masks", help="(segmentation models) Folder of PNG masks of class ids, one per image in --data, paired "
+                        "by name without extension.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
-    bins: Annotated[int, typer.Option(min=1, help="Equal-width confidence bins of the ECE.")] = 15,
+    bins: Annotated[Optional[int], typer.Option(
+        min=1, help=f"Equal-width confidence bins of the ECE (default: {DEFAULT_BINS}).")] = None,
     diagram: Annotated[Optional[Path], typer.Option(
         "--reliability-diagram", help="Also write a reliability diagram (PNG) to this file.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Overwrite the reliability diagram if it exists.")] = False,
 ) -> None:
-    """Report accuracy, negative log-likelihood, expected calibration error and Brier score."""
+    """Report accuracy, negative log-likelihood, expected calibration error and Brier score; for a
+    segmentation model (with --masks), mean IoU, pixel accuracy and the IoU of each class."""
+    estimator = load_model(model, device=resolve_device(device))
+    if isinstance(estimator, PriorRegularizedSegmenter):
+        _evaluate_segmenter(estimator, model, data, masks, bins, diagram, as_json)
+        return
+    estimator = check_classifier(estimator, model)
+    if masks is not None:
+        raise ConfigError(f"--masks is for segmentation models; model file '{model}' holds a "
+                          f"{type(estimator).__name__}, which takes the labels from the subfolder names of --data: "
+                          "drop --masks")
+    bins = DEFAULT_BINS if bins is None else bins
     check_output(diagram, force)
-    estimator = load_classifier(model, resolve_device(device))
     folder = ImageFolder(data, labeled=True)
     classes = np.asarray(estimator.classes_)
     y = true_class_indices(folder.classes, folder.targets, classes, data)

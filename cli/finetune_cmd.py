@@ -1,4 +1,5 @@
-"""``bt-transfer finetune``: fine-tune on a folder of labelled images with a prior; write a model file."""
+"""``bt-transfer finetune``: fine-tune with a prior on labelled images (a class per image, or a mask
+per image with ``--task segmentation``); write a model file."""
 
 from __future__ import annotations
 
@@ -10,21 +11,38 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import torch
 import typer
-from skorch.callbacks import EpochScoring, ProgressBar
-from skorch.dataset import ValidSplit
+from skorch.callbacks import Callback, EpochScoring, ProgressBar
+from skorch.dataset import ValidSplit, unpack_data
 
 from sklearn_bayes_transfer.bayes import Inference
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier, index_accuracy
-from sklearn_bayes_transfer.data import load_image_folder
+from sklearn_bayes_transfer.data import load_image_folder, load_segmentation_folder
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.modelfile import save_model
 from sklearn_bayes_transfer.prior import Prior, PriorStructure
+from sklearn_bayes_transfer.segmenter import IGNORE_TARGET, PriorRegularizedSegmenter, SegmentationHead
 
 from ._app import app, console, handle_errors, resolve_device
 from .fit_prior_cmd import parse_image_size
 from .predict_cmd import check_output
 
-__all__ = ["OptimizerName", "finetune"]
+__all__ = ["OptimizerName", "Task", "finetune"]
+
+#: ``--ignore-index`` when not given: the "void" value of Pascal VOC-style masks.
+DEFAULT_IGNORE_INDEX = 255
+
+
+class Task(str, Enum):
+    """What ``finetune`` learns from the images in ``--data``.
+
+    - ``"classification"``: one label per image, the name of its class subfolder
+      (:class:`~sklearn_bayes_transfer.PriorRegularizedClassifier`);
+    - ``"segmentation"``: one class id per pixel, from the PNG mask of the same name in
+      ``--masks`` (:class:`~sklearn_bayes_transfer.segmenter.PriorRegularizedSegmenter`).
+    """
+
+    CLASSIFICATION = "classification"
+    SEGMENTATION = "segmentation"
 
 
 class OptimizerName(str, Enum):
@@ -92,38 +110,141 @@ def _preprocessing(prior: Prior, size: int | tuple[int, int] | None) -> tuple[An
     return {**recorded, "image_size": pair}, size, recorded.get("channels")
 
 
-def _check_split_sizes(y: np.ndarray, fraction: float) -> None:
-    """A stratified split needs at least one example of every class on each side."""
-    n, n_classes = len(y), len(np.unique(y))
+def _check_task_options(task: Task, masks: Path | None, ignore_index: int | None,
+                        head: SegmentationHead | None) -> None:
+    """Refuse, by name, options the task does not use, and a segmentation run without masks."""
+    if task is Task.SEGMENTATION:
+        if masks is None:
+            raise ConfigError("--task segmentation needs --masks DIR: a folder of PNG masks of class ids, one per "
+                              "image in --data, with the image's name")
+        return
+    given = [name for name, value in (("--masks", masks), ("--ignore-index", ignore_index), ("--head", head))
+             if value is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to --task segmentation; "
+                          "a classification folder takes its labels from its subfolder names: drop "
+                          f"{'it' if len(given) == 1 else 'them'} or pass --task segmentation")
+
+
+def _load_data(task: Task, data: Path, masks: Path | None, size: int | tuple[int, int] | None,
+               channels: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Images and their targets: class names (classification) or masks of class ids (segmentation)."""
+    if task is Task.SEGMENTATION:
+        return load_segmentation_folder(data, masks, image_size=size, channels=channels)
+    return load_image_folder(data, image_size=size, channels=channels)
+
+
+def _check_split_sizes(y: np.ndarray, fraction: float, task: Task = Task.CLASSIFICATION) -> None:
+    """A split needs training and validation images; a stratified one, every class on each side."""
+    n = len(y)
     n_valid = math.ceil(fraction * n)
-    if n_valid < n_classes or n - n_valid < n_classes:
+    if task is Task.CLASSIFICATION:
+        need = len(np.unique(y))
+        rule = f"a stratified split needs at least {need} (one per class)"
+    else:
+        need, rule = 1, "a split needs at least one image"
+    if n_valid < need or n - n_valid < need:
         raise ConfigError(f"--valid-fraction {fraction:g} of {n} images gives {n_valid} validation and {n - n_valid} "
-                          f"training images, but a stratified split needs at least {n_classes} (one per class) on "
-                          "each side; choose another fraction or train on all images (--valid-fraction 0)")
+                          f"training images, but {rule} on each side; choose another fraction or train on all "
+                          "images (--valid-fraction 0)")
 
 
-def _classifier(prior: Prior, *, preprocess: Any, split: ValidSplit | None, optimizer: OptimizerName,
-                momentum: float, quiet: bool, **params: Any) -> PriorRegularizedClassifier:
+def _split(task: Task, y: np.ndarray, fraction: float, seed: int) -> ValidSplit | None:
+    if fraction == 0:
+        return None
+    _check_split_sizes(y, fraction, task)
+    # Masks have no single label per image to stratify on.
+    return ValidSplit(fraction, stratified=task is Task.CLASSIFICATION, random_state=seed)
+
+
+class _EpochMeanIoU(Callback):
+    """Mean IoU of one epoch's training (or validation) batches, recorded as ``train_miou``
+    (``valid_miou``).
+
+    It sums a pixel confusion matrix over the logits each step has already computed, so there is
+    no second pass over the data and no logits are cached (they would be N x classes x H x W).
+    Training batches are scored as the network saw them, in training mode, as skorch's cached
+    ``EpochScoring`` scores them.
+    """
+
+    def __init__(self, on_train: bool) -> None:
+        self.on_train = on_train
+
+    def on_epoch_begin(self, net: Any, **kwargs: Any) -> None:
+        self.confusion_: torch.Tensor | None = None
+
+    def on_batch_end(self, net: Any, batch: Any = None, training: bool = False, y_pred: Any = None,
+                     **kwargs: Any) -> None:
+        if training != self.on_train or y_pred is None:
+            return
+        _, truth = unpack_data(batch)
+        n = len(net.classes_)
+        with torch.no_grad():
+            if y_pred.shape[-2:] != truth.shape[-2:]:
+                y_pred = torch.nn.functional.interpolate(y_pred, size=tuple(truth.shape[-2:]), mode="bilinear",
+                                                         align_corners=False)
+            predicted = y_pred.argmax(dim=1)
+            truth = truth.to(predicted.device)
+            counted = truth != IGNORE_TARGET
+            counts = torch.bincount(truth[counted] * n + predicted[counted], minlength=n * n).reshape(n, n)
+        self.confusion_ = counts if self.confusion_ is None else self.confusion_ + counts
+
+    def on_epoch_end(self, net: Any, **kwargs: Any) -> None:
+        if self.confusion_ is None:
+            return
+        confusion = self.confusion_.double().cpu().numpy()
+        hits = np.diag(confusion)
+        union = confusion.sum(axis=0) + confusion.sum(axis=1) - hits
+        # Classes absent from both truth and prediction have no IoU and are left out of the mean.
+        present = union > 0
+        value = float(np.mean(hits[present] / union[present])) if present.any() else float("nan")
+        net.history.record(f"{'train' if self.on_train else 'valid'}_miou", value)
+
+
+def _shared_kwargs(*, preprocess: Any, split: ValidSplit | None, optimizer: OptimizerName, momentum: float,
+                   quiet: bool, scores: list[tuple[str, Any]], **params: Any) -> dict[str, Any]:
+    """Keyword arguments both estimators take: preprocessing, split, optimizer, logging, hyperparameters.
+
+    ``scores`` are the task's per-epoch metric callbacks.
+    """
     optimizer_cls, optimizer_args = _optimizer(optimizer, momentum)
-    callbacks: list[tuple[str, Any]] = [
-        ("train_accuracy", EpochScoring(index_accuracy, on_train=True, name="train_acc", lower_is_better=False)),
-    ]
+    callbacks = list(scores)
     if not quiet:
         callbacks.append(("progress", ProgressBar(postfix_keys=["train_loss"])))
-    return PriorRegularizedClassifier(
-        prior, preprocess=preprocess, train_split=split, optimizer=optimizer_cls, callbacks=callbacks,
-        iterator_train__shuffle=True, verbose=0 if quiet else 1,
-        **optimizer_args, **params)
+    return {"preprocess": preprocess, "train_split": split, "optimizer": optimizer_cls, "callbacks": callbacks,
+            "iterator_train__shuffle": True, "verbose": 0 if quiet else 1, **optimizer_args, **params}
 
 
-def _summary(estimator: PriorRegularizedClassifier, out: Path, n_images: int) -> str:
+def _estimator(task: Task, prior: Prior, *, ignore_index: int | None, head: SegmentationHead | None,
+               split: ValidSplit | None, **options: Any) -> PriorRegularizedClassifier | PriorRegularizedSegmenter:
+    """The task's estimator; ``options`` are those of :func:`_shared_kwargs`."""
+    if task is Task.SEGMENTATION:
+        scores: list[tuple[str, Any]] = [("train_miou", _EpochMeanIoU(on_train=True))]
+        if split is not None:
+            scores.append(("valid_miou", _EpochMeanIoU(on_train=False)))
+        return PriorRegularizedSegmenter(
+            prior, ignore_index=DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index,
+            head=(head or SegmentationHead.FCN).value, **_shared_kwargs(split=split, scores=scores, **options))
+    # The validation accuracy is a default callback of skorch's classifier.
+    scores = [("train_accuracy", EpochScoring(index_accuracy, on_train=True, name="train_acc",
+                                              lower_is_better=False))]
+    return PriorRegularizedClassifier(prior, **_shared_kwargs(split=split, scores=scores, **options))
+
+
+#: History key suffix and printed name of each task's per-epoch metric.
+_METRIC = {Task.CLASSIFICATION: ("acc", "accuracy"), Task.SEGMENTATION: ("miou", "mIoU")}
+
+
+def _summary(estimator: PriorRegularizedClassifier | PriorRegularizedSegmenter, out: Path, n_images: int,
+             task: Task = Task.CLASSIFICATION) -> str:
+    key, name = _METRIC[task]
     last = estimator.history[-1]
     classes = ", ".join(str(c) for c in estimator.classes_)
     text = (f"wrote {out}: {len(estimator.classes_)} classes ({classes}), {n_images} images, {len(estimator.history)} "
             f"epochs; last epoch: train loss {last['task_loss']:.4g} + prior term {last['prior_nll']:.4g}, "
-            f"train accuracy {last['train_acc']:.3f}")
+            f"train {name} {last[f'train_{key}']:.3f}")
     if "valid_loss" in last:
-        text += f"; valid loss {last['valid_loss']:.4g}, valid accuracy {last['valid_acc']:.3f}"
+        text += f"; valid loss {last['valid_loss']:.4g}, valid {name} {last[f'valid_{key}']:.3f}"
     return text
 
 
@@ -132,15 +253,27 @@ def _summary(estimator: PriorRegularizedClassifier, out: Path, n_images: int) ->
 def finetune(
     prior: Annotated[Path, typer.Option("--prior", help="Prior file (from fit-prior, convert-official or "
                                         "Prior.save).")],
-    data: Annotated[Path, typer.Option("--data", help="Image folder with one subfolder per class.")],
+    data: Annotated[Path, typer.Option("--data", help="Image folder: one subfolder per class (classification), "
+                                       "or the images whose masks are in --masks (segmentation).")],
     out: Annotated[Path, typer.Option("--out", help="Model file to write (read by predict and evaluate).")],
+    task: Annotated[Task, typer.Option(help="classification: a label per image, from its subfolder; "
+                                       "segmentation: a class id per pixel, from --masks.")] = Task.CLASSIFICATION,
+    masks: Annotated[Optional[Path], typer.Option(
+        "--masks", help="(segmentation) Folder of PNG masks of class ids, one per image in --data, paired by name "
+                        "without extension (sub-folders by relative path).")] = None,
+    ignore_index: Annotated[Optional[int], typer.Option(
+        help=f"(segmentation) Mask value of pixels to leave out of the loss and the metrics "
+             f"(default: {DEFAULT_IGNORE_INDEX}).", show_default=False)] = None,
+    head: Annotated[Optional[SegmentationHead], typer.Option(
+        help="(segmentation) The new head: fcn (default), or deeplabv3 with atrous spatial pyramid pooling.",
+        show_default=False)] = None,
     prior_scale: Annotated[float, typer.Option(help="lambda > 0: scales the prior covariance; 1 is the posterior "
                                                "as learned. Search it on a log grid (see `inspect`).")] = 1.0,
     prior_eps: Annotated[float, typer.Option(help="Jitter >= 0 added to the prior covariance's diagonal.")] = 0.0,
     prior_structure: Annotated[PriorStructure, typer.Option(
         help="Which part of the prior covariance to use; 'none' is standard fine-tuning.")] = PriorStructure.LOWRANK,
     head_weight_decay: Annotated[float, typer.Option(
-        help="Precision of the zero-mean Gaussian prior on the new classification head.")] = 1.0,
+        help="Precision of the zero-mean Gaussian prior on the new head.")] = 1.0,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 20,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.01,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 32,
@@ -155,7 +288,8 @@ def finetune(
     samples: Annotated[int, typer.Option("--samples", min=1, help="Posterior samples to average with "
                                          "--inference swag or sgld.")] = 20,
     valid_fraction: Annotated[float, typer.Option(
-        help="Hold out this fraction (stratified) to report validation metrics; 0 trains on all images.")] = 0.0,
+        help="Hold out this fraction (stratified by class for classification) to report validation metrics; "
+             "0 trains on all images.")] = 0.0,
     image_size: Annotated[Optional[str], typer.Option(
         help="Resize images to N or HxW pixels (default: the size recorded in the prior).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -163,26 +297,25 @@ def finetune(
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No per-epoch log or progress bar.")] = False,
 ) -> None:
-    """Fine-tune the prior's backbone with a new head on labelled images; save a model file."""
+    """Fine-tune the prior's backbone with a new head on labelled images or masks; save a model file."""
     if momentum is None:
         momentum = 0.0 if inference is Inference.SGLD else 0.9
     _check_options(prior_scale, prior_eps, head_weight_decay, lr, momentum, valid_fraction)
+    _check_task_options(task, masks, ignore_index, head)
     check_output(out, force)  # before training, not after minutes of it
     size = parse_image_size(image_size)
     device = resolve_device(device)
     prior_obj = Prior.load(prior)
     preprocess, load_size, channels = _preprocessing(prior_obj, size)
-    X, y = load_image_folder(data, image_size=load_size, channels=channels)
-    split = None
-    if valid_fraction > 0:
-        _check_split_sizes(y, valid_fraction)
-        split = ValidSplit(valid_fraction, stratified=True, random_state=seed)
-    estimator = _classifier(
-        prior_obj, preprocess=preprocess, split=split, optimizer=optimizer, momentum=momentum, quiet=quiet,
+    X, y = _load_data(task, data, masks, load_size, channels)
+    split = _split(task, y, valid_fraction, seed)
+    estimator = _estimator(
+        task, prior_obj, ignore_index=ignore_index, head=head,
+        preprocess=preprocess, split=split, optimizer=optimizer, momentum=momentum, quiet=quiet,
         prior_scale=prior_scale, prior_eps=prior_eps, prior_structure=prior_structure.value,
         head_weight_decay=head_weight_decay, lr=lr, max_epochs=epochs, batch_size=batch_size, device=device,
         inference=inference.value, n_samples=samples, random_state=seed)
     torch.manual_seed(seed)
     estimator.fit(X, y)
     save_model(estimator, out, overwrite=force)
-    console.print(_summary(estimator, out, len(y)), highlight=False, soft_wrap=True)
+    console.print(_summary(estimator, out, len(y), task), highlight=False, soft_wrap=True)

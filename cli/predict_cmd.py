@@ -1,4 +1,5 @@
-"""``bt-transfer predict``: label image files and folders with a fine-tuned model file."""
+"""``bt-transfer predict``: label image files and folders with a fine-tuned model file (a CSV of labels
+for a classifier, one PNG mask per image for a segmenter)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,20 @@ import typer
 from PIL import Image, UnidentifiedImageError
 
 from sklearn_bayes_transfer._io import atomic_write
-from sklearn_bayes_transfer.data import IMAGE_EXTENSIONS, ImageFolder, _load_image
+from sklearn_bayes_transfer.data import IMAGE_EXTENSIONS, ImageFolder, _load_image, save_mask
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
 from sklearn_bayes_transfer.exceptions import ConfigError, DataError, OutputExistsError
 from sklearn_bayes_transfer.modelfile import load_model
+from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter
 
 from ._app import app, console, handle_errors, resolve_device
 
-__all__ = ["ImageFiles", "check_output", "collect_images", "image_dataset", "load_classifier", "predict"]
+__all__ = ["ImageFiles", "check_classifier", "check_output", "collect_image_names", "collect_images",
+           "image_dataset", "image_file_size", "load_classifier", "mask_destinations", "model_channels", "predict",
+           "predict_masks"]
+
+#: Images per ``predict`` call of a segmenter: bounds the (n, classes, H, W) probabilities held at once.
+MASK_CHUNK = 16
 
 
 def check_output(out: Path | None, force: bool) -> None:
@@ -36,35 +43,52 @@ def check_output(out: Path | None, force: bool) -> None:
         raise FileNotFoundError(f"cannot write '{out}': directory '{out.parent}' does not exist")
 
 
+def collect_image_names(arguments: Sequence[Path]) -> list[tuple[Path, str]]:
+    """Image files named on the command line, each with a name for what is written about it.
+
+    A folder is searched recursively (sorted); its images are named by their path relative to it
+    without extension (``images/cat/1.png`` -> ``cat/1``, the name by which
+    :func:`~sklearn_bayes_transfer.data.load_segmentation_folder` pairs an image with its mask). A
+    file named directly is named by its stem, and must carry an image extension; a folder must
+    hold at least one image.
+    """
+    entries: list[tuple[Path, str]] = []
+    for arg in arguments:
+        if not arg.exists():
+            raise DataError(f"'{arg}' does not exist")
+        if arg.is_dir():
+            entries.extend((path, path.relative_to(arg).with_suffix("").as_posix())
+                           for path in ImageFolder(arg, labeled=False).paths)
+        elif arg.suffix.lower() in IMAGE_EXTENSIONS:
+            entries.append((arg, arg.stem))
+        else:
+            raise DataError(f"'{arg}' is not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)}); "
+                            "remove it from the arguments")
+    return entries
+
+
 def collect_images(arguments: Sequence[Path]) -> list[Path]:
     """Image files named on the command line, with folders expanded recursively (sorted).
 
     A named file must carry an image extension; a folder must hold at least one image.
     """
-    paths: list[Path] = []
-    for arg in arguments:
-        if not arg.exists():
-            raise DataError(f"'{arg}' does not exist")
-        if arg.is_dir():
-            paths.extend(ImageFolder(arg, labeled=False).paths)
-        elif arg.suffix.lower() in IMAGE_EXTENSIONS:
-            paths.append(arg)
-        else:
-            raise DataError(f"'{arg}' is not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)}); "
-                            "remove it from the arguments")
-    return paths
+    return [path for path, _ in collect_image_names(arguments)]
 
 
-def load_classifier(path: Path, device: str) -> PriorRegularizedClassifier:
-    """The model file's estimator, which must be a classifier (these commands print class labels)."""
-    estimator = load_model(path, device=device)
+def check_classifier(estimator: Any, path: Path) -> PriorRegularizedClassifier:
+    """``estimator``, which must be a classifier (label CSVs and calibration are about classes)."""
     if not isinstance(estimator, PriorRegularizedClassifier):
         raise ConfigError(f"model file '{path}' holds a {type(estimator).__name__}; this command works with "
                           "classification models (PriorRegularizedClassifier)")
     return estimator
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def load_classifier(path: Path, device: str) -> PriorRegularizedClassifier:
+    """The model file's estimator, which must be a classifier (these commands print class labels)."""
+    return check_classifier(load_model(path, device=device), path)
+
+
+def image_file_size(path: Path) -> tuple[int, int]:
     """``(height, width)`` from the file header, without decoding the pixels."""
     try:
         with Image.open(path) as image:
@@ -100,16 +124,22 @@ class ImageFiles(torch.utils.data.Dataset):
         return _load_image(self.paths[index], self.channels, self.image_size), 0
 
 
+def model_channels(estimator: Any) -> int | None:
+    """The number of channels the fitted ``estimator``'s network reads (``None``: unknown)."""
+    preprocess = getattr(estimator, "preprocess_", None)
+    shape = getattr(estimator, "input_shape_", None)
+    return preprocess.channels if preprocess is not None else (shape[0] if shape else None)
+
+
 def image_dataset(paths: Sequence[Path], estimator: Any) -> ImageFiles:
     """The files in the geometry ``estimator`` expects; every file is checked to be an image first.
 
     Images are resized to the model's recorded input size; a model without one needs images
     of a single size.
     """
-    sizes = [_image_size(path) for path in paths]
+    sizes = [image_file_size(path) for path in paths]
     preprocess = getattr(estimator, "preprocess_", None)
-    shape = getattr(estimator, "input_shape_", None)
-    channels = preprocess.channels if preprocess is not None else (shape[0] if shape else None)
+    channels = model_channels(estimator)
     size = preprocess.image_size if preprocess is not None else None
     if size is None:
         for path, hw in zip(paths, sizes):
@@ -135,6 +165,84 @@ def _csv(paths: Sequence[Path], labels: np.ndarray, proba: np.ndarray | None, cl
     return buffer.getvalue()
 
 
+def mask_destinations(entries: Sequence[tuple[Path, str]], out_dir: Path, force: bool) -> list[tuple[Path, Path]]:
+    """``(image, out_dir/<name>.png)`` for each named image, checked before anything is written.
+
+    An image listed twice is written once; two images that would write one file, or mask files
+    that exist (without ``force``), are refused, so a refused run writes nothing.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out-dir '{out_dir}' is a file; give a directory (it is created if missing)")
+    source_of: dict[Path, Path] = {}
+    for path, name in entries:
+        destination = out_dir / f"{name}.png"
+        other = source_of.setdefault(destination, path)
+        if other.resolve() != path.resolve():
+            raise DataError(f"images '{other}' and '{path}' would both write the mask '{destination}'; rename one, "
+                            "or name their folder instead (masks then keep the paths inside it)")
+    for destination in source_of:
+        if destination.is_dir():
+            raise IsADirectoryError(f"cannot write the mask '{destination}': it is a directory")
+    existing = [destination for destination in source_of if destination.exists()]
+    if existing and not force:
+        raise OutputExistsError(f"mask file '{existing[0]}' already exists ({len(existing)} of the {len(source_of)} "
+                                "masks to write do); pass --force to replace them")
+    return [(path, destination) for destination, path in source_of.items()]
+
+
+def _check_mask_classes(estimator: PriorRegularizedSegmenter, path: Path) -> None:
+    classes = np.asarray(estimator.classes_)
+    if classes.dtype.kind not in "iu" or classes.min() < 0 or classes.max() > 255:
+        raise ConfigError(f"model file '{path}' has class ids {classes.tolist()}, which do not fit an 8-bit PNG "
+                          "mask (0..255); predict in Python instead (load_model(...).predict)")
+
+
+def predict_masks(estimator: PriorRegularizedSegmenter, paths: Sequence[Path]) -> list[np.ndarray]:
+    """One mask ``(H, W)`` of class ids (``uint8``) per image, at the image's own size.
+
+    Images are read at their own size and predicted a few at a time, images of one size
+    together: the segmenter resizes them to its input size, if it records one, and brings its
+    prediction back to theirs. Every file is checked to be an image before any is predicted.
+    """
+    sizes = [image_file_size(path) for path in paths]
+    images = ImageFiles(paths, channels=model_channels(estimator), image_size=None)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(index)
+    masks: list[np.ndarray] = [np.empty(0)] * len(paths)
+    for indices in by_size.values():
+        for start in range(0, len(indices), MASK_CHUNK):
+            chunk = indices[start:start + MASK_CHUNK]
+            batch = torch.stack([images[i][0] for i in chunk]).numpy()
+            for index, mask in zip(chunk, estimator.predict(batch)):
+                masks[index] = mask.astype(np.uint8)
+    return masks
+
+
+def _write_masks(estimator: PriorRegularizedSegmenter, images: Sequence[Path], out_dir: Path, force: bool) -> int:
+    """Predict every image's mask, then write each (atomically) as ``out_dir/<name>.png``; the number written."""
+    targets = mask_destinations(collect_image_names(images), out_dir, force)
+    masks = predict_masks(estimator, [path for path, _ in targets])
+    for (_, destination), mask in zip(targets, masks):
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        save_mask(mask, destination, overwrite=force)
+    return len(targets)
+
+
+def _check_segmentation_options(path: Path, out: Path | None, out_dir: Path | None, proba: bool) -> Path:
+    """The ``--out-dir`` of a segmentation model; the options that write a CSV of labels are refused."""
+    if out is not None:
+        raise ConfigError(f"--out writes a CSV of labels, but model file '{path}' holds a PriorRegularizedSegmenter, "
+                          "which predicts a mask per image; pass --out-dir DIR to write one PNG mask per image")
+    if proba:
+        raise ConfigError(f"--proba adds class probabilities to a CSV of labels, but model file '{path}' holds a "
+                          "PriorRegularizedSegmenter, which writes one PNG mask per image; drop --proba")
+    if out_dir is None:
+        raise ConfigError(f"model file '{path}' holds a PriorRegularizedSegmenter, which predicts a mask per image; "
+                          "pass --out-dir DIR to write them as PNGs (same names as the images)")
+    return out_dir
+
+
 @app.command("predict")
 @handle_errors
 def predict(
@@ -143,12 +251,29 @@ def predict(
     model: Annotated[Path, typer.Option("--model", help="Model file written by finetune.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="CSV file to write (default: print the CSV).")] = None,
     proba: Annotated[bool, typer.Option("--proba", help="Add one probability column per class.")] = False,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out-dir", help="(segmentation models) Folder to write one PNG mask of class ids per image into, named "
+                          "as the image (images found in a folder keep their path inside it); created if missing.")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT, or the masks in --out-dir, if they "
+                                        "exist.")] = False,
 ) -> None:
-    """Predict a label for every image; print or write CSV rows path,label[,p_<class>...]."""
+    """Predict a label for every image (print or write CSV rows path,label[,p_<class>...]), or, with a
+    segmentation model, a mask for every image (PNGs in --out-dir)."""
+    estimator = load_model(model, device=resolve_device(device))
+    if isinstance(estimator, PriorRegularizedSegmenter):
+        out_dir = _check_segmentation_options(model, out, out_dir, proba)
+        _check_mask_classes(estimator, model)
+        written = _write_masks(estimator, images, out_dir, force)
+        console.print(f"wrote {written} masks to {out_dir}", highlight=False, soft_wrap=True)
+        return
+    estimator = check_classifier(estimator, model)
+    if out_dir is not None:
+        raise ConfigError(f"--out-dir writes the masks of a segmentation model, but model file '{model}' holds a "
+                          f"{type(estimator).__name__}, which predicts one label per image; use --out FILE for a "
+                          "CSV of labels (or leave it out to print them)")
     check_output(out, force)
-    estimator = load_classifier(model, resolve_device(device))
     paths = collect_images(images)
     probabilities = estimator.predict_proba(image_dataset(paths, estimator))
     classes = np.asarray(estimator.classes_)
