@@ -15,7 +15,7 @@ import typer
 from PIL import Image, UnidentifiedImageError
 
 from sklearn_bayes_transfer._io import atomic_write
-from sklearn_bayes_transfer.data import IMAGE_EXTENSIONS, ImageFolder, _load_image, save_mask
+from sklearn_bayes_transfer.data import IMAGE_EXTENSIONS, ImageFolder, load_image, save_mask
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
 from sklearn_bayes_transfer.exceptions import ConfigError, DataError, OutputExistsError
 from sklearn_bayes_transfer.modelfile import load_model
@@ -121,7 +121,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return _load_image(self.paths[index], self.channels, self.image_size), 0
+        return load_image(self.paths[index], self.channels, self.image_size), 0
 
 
 def model_channels(estimator: Any) -> int | None:

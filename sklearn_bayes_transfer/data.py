@@ -35,6 +35,7 @@ from ._io import atomic_write
 from .exceptions import ConfigError, DataError
 
 __all__ = [
+    "load_image",
     "IMAGE_EXTENSIONS",
     "LUMA_WEIGHTS",
     "Preprocess",
@@ -644,8 +645,11 @@ def _raw_to_tensor(array: np.ndarray) -> torch.Tensor:
     return tensor
 
 
-def _load_image(path: Path, channels: int | None, size: tuple[int, int] | None) -> torch.Tensor:
-    image = _raw_to_tensor(_read_raw(path))[None]
+def load_image(path: str | os.PathLike, channels: int | None = None,
+               size: tuple[int, int] | None = None) -> torch.Tensor:
+    """One image file as a float32 ``(C, H, W)`` tensor in [0, 1], converted to ``channels`` and
+    resized to ``size`` when given; a file that is not an image raises :class:`DataError` naming it."""
+    image = _raw_to_tensor(_read_raw(Path(path)))[None]
     return _geometry(image, channels, size)[0]
 
 
@@ -786,7 +790,7 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = _load_image(self.paths[index], self.channels, self.image_size)
+        image = load_image(self.paths[index], self.channels, self.image_size)
         if self.preprocess is not None:
             image = self.preprocess(image)
         return image, int(self.targets[index])
