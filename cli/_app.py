@@ -7,6 +7,7 @@ call the library, print, exit. Library errors become one-line messages and exit 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import typer
@@ -14,9 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from sklearn_bayes_transfer import __version__
-from sklearn_bayes_transfer.exceptions import BayesTransferError
+from sklearn_bayes_transfer.exceptions import BayesTransferError, OutputExistsError
 
-__all__ = ["app", "console", "err_console", "handle_errors", "fail", "resolve_device"]
+__all__ = ["app", "console", "err_console", "handle_errors", "fail", "resolve_device", "check_output"]
 
 app = typer.Typer(
     name="bt-transfer",
@@ -52,6 +53,18 @@ def handle_errors(fn: F) -> F:
             fail("interrupted; no output was written", code=130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_output(out: Path | None, force: bool) -> None:
+    """Refuse an output file before any work: it exists (without ``--force``) or cannot be written there."""
+    if out is None:
+        return
+    if out.exists() and not force:
+        raise OutputExistsError(f"output file '{out}' already exists; pass --force to replace it")
+    if out.is_dir():
+        raise IsADirectoryError(f"output '{out}' is a directory; give a file name")
+    if not out.parent.exists():
+        raise FileNotFoundError(f"cannot write '{out}': directory '{out.parent}' does not exist")
 
 
 def resolve_device(device: str) -> str:

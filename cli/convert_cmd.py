@@ -10,7 +10,7 @@ import typer
 
 from sklearn_bayes_transfer.prior import FactorNormalization, Prior
 
-from ._app import app, console, handle_errors
+from ._app import app, check_output, console, handle_errors
 
 __all__ = ["convert_official"]
 
@@ -28,8 +28,7 @@ def convert_official(
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
 ) -> None:
     """Convert the official four-file prior format into one prior file (format version 1)."""
-    if out.exists() and not force:
-        raise FileExistsError(f"output file '{out}' already exists; pass --force to replace it")
+    check_output(out, force)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         prior = Prior.from_official(prefix, factor_normalization=factor_normalization, backbone=backbone)

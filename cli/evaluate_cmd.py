@@ -27,11 +27,10 @@ from sklearn_bayes_transfer.metrics import (
 from sklearn_bayes_transfer.modelfile import load_model
 from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter
 
-from ._app import app, console, handle_errors, resolve_device
+from ._app import app, check_output, console, handle_errors, resolve_device
 from .predict_cmd import (
     MASK_CHUNK,
     check_classifier,
-    check_output,
     collect_image_names,
     image_dataset,
     image_file_size,

@@ -19,14 +19,14 @@ from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier, index_
 from sklearn_bayes_transfer.data import load_image_folder, load_segmentation_folder
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.modelfile import save_model
+from sklearn_bayes_transfer.optim import OptimizerName, optimizer_arguments
 from sklearn_bayes_transfer.prior import Prior, PriorStructure
 from sklearn_bayes_transfer.segmenter import IGNORE_TARGET, PriorRegularizedSegmenter, SegmentationHead
 
-from ._app import app, console, handle_errors, resolve_device
+from ._app import app, check_output, console, handle_errors, resolve_device
 from .fit_prior_cmd import parse_image_size
-from .predict_cmd import check_output
 
-__all__ = ["OptimizerName", "Task", "finetune"]
+__all__ = ["Task", "finetune"]
 
 #: ``--ignore-index`` when not given: the "void" value of Pascal VOC-style masks.
 DEFAULT_IGNORE_INDEX = 255
@@ -43,33 +43,6 @@ class Task(str, Enum):
 
     CLASSIFICATION = "classification"
     SEGMENTATION = "segmentation"
-
-
-class OptimizerName(str, Enum):
-    """The optimizer ``finetune`` trains with.
-
-    - ``"sgd"``: :class:`torch.optim.SGD` with ``--momentum``; the prior's stiff diagonal part
-      is then applied as an exact proximal step, stable for every ``--prior-scale``;
-    - ``"adam"``: :class:`torch.optim.Adam` (the whole prior term goes through the gradient);
-    - ``"fop"``: :class:`sklearn_bayes_transfer.optim.FOP`, SGD with learned first-order
-      preconditioning, with ``--momentum``.
-    """
-
-    SGD = "sgd"
-    ADAM = "adam"
-    FOP = "fop"
-
-
-def _optimizer(name: OptimizerName, momentum: float) -> tuple[type, dict[str, Any]]:
-    """The optimizer class and its skorch ``optimizer__`` arguments."""
-    if name is OptimizerName.ADAM:
-        return torch.optim.Adam, {}
-    if name is OptimizerName.FOP:
-        # Imported here so the other optimizers do not depend on it.
-        from sklearn_bayes_transfer.optim import FOP
-
-        return FOP, {"optimizer__momentum": momentum}
-    return torch.optim.SGD, {"optimizer__momentum": momentum}
 
 
 def _check_number(value: float, option: str, *, low: float, high: float = math.inf, low_open: bool = False,
@@ -207,12 +180,11 @@ def _shared_kwargs(*, preprocess: Any, split: ValidSplit | None, optimizer: Opti
 
     ``scores`` are the task's per-epoch metric callbacks.
     """
-    optimizer_cls, optimizer_args = _optimizer(optimizer, momentum)
     callbacks = list(scores)
     if not quiet:
         callbacks.append(("progress", ProgressBar(postfix_keys=["train_loss"])))
-    return {"preprocess": preprocess, "train_split": split, "optimizer": optimizer_cls, "callbacks": callbacks,
-            "iterator_train__shuffle": True, "verbose": 0 if quiet else 1, **optimizer_args, **params}
+    return {"preprocess": preprocess, "train_split": split, "callbacks": callbacks, "iterator_train__shuffle": True,
+            "verbose": 0 if quiet else 1, **optimizer_arguments(optimizer, momentum=momentum), **params}
 
 
 def _estimator(task: Task, prior: Prior, *, ignore_index: int | None, head: SegmentationHead | None,

@@ -8,10 +8,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from sklearn_bayes_transfer.exceptions import ConfigError, OutputExistsError
+from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.fitter import PriorFitter, SourceTask
+from sklearn_bayes_transfer.optim import OptimizerName
 
-from ._app import app, console, handle_errors, resolve_device
+from ._app import app, check_output, console, handle_errors, resolve_device
 
 __all__ = ["fit_prior", "parse_image_size"]
 
@@ -61,6 +62,8 @@ def fit_prior(
     rank: Annotated[int, typer.Option(help="Rank K of the low-rank covariance (>= 2).")] = 10,
     collect_every: Annotated[int, typer.Option(min=1, help="Collect a SWAG snapshot every N epochs.")] = 1,
     lr: Annotated[float, typer.Option(help="Learning rate before collection.")] = 0.05,
+    optimizer: Annotated[OptimizerName, typer.Option(help="sgd, adam or fop (SGD with learned "
+                                                     "preconditioning).")] = OptimizerName.SGD,
     swag_lr: Annotated[float, typer.Option(help="Learning rate during SWAG collection.")] = 0.01,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     image_size: Annotated[Optional[str], typer.Option(
@@ -71,14 +74,10 @@ def fit_prior(
     quiet: Annotated[bool, typer.Option("--quiet", help="No per-epoch log or progress bar.")] = False,
 ) -> None:
     """Train a backbone on source images, collect a SWAG posterior and save it as a prior file."""
-    # Refuse before training, not after minutes of it.
-    if out.exists() and not force:
-        raise OutputExistsError(f"output file '{out}' already exists; pass --force to replace it")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"cannot write '{out}': directory '{out.parent}' does not exist")
+    check_output(out, force)  # before training, not after minutes of it
     fitter = PriorFitter(
         backbone=backbone, backbone_kwargs=_parse_kwargs(backbone_kwargs), source_task=task,
-        epochs=epochs, swag_start=swag_start, rank=rank, collect_every=collect_every, lr=lr,
+        epochs=epochs, swag_start=swag_start, rank=rank, collect_every=collect_every, lr=lr, optimizer=optimizer.value,
         swag_lr=swag_lr, batch_size=batch_size, image_size=parse_image_size(image_size),
         device=resolve_device(device), seed=seed, verbose=0 if quiet else 1,
     )

@@ -21,26 +21,14 @@ from sklearn_bayes_transfer.exceptions import ConfigError, DataError, OutputExis
 from sklearn_bayes_transfer.modelfile import load_model
 from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter
 
-from ._app import app, console, handle_errors, resolve_device
+from ._app import app, check_output, console, handle_errors, resolve_device
 
-__all__ = ["ImageFiles", "check_classifier", "check_output", "collect_image_names", "collect_images",
+__all__ = ["ImageFiles", "check_classifier", "collect_image_names", "collect_images",
            "image_dataset", "image_file_size", "load_classifier", "mask_destinations", "model_channels", "predict",
            "predict_masks"]
 
 #: Images per ``predict`` call of a segmenter: bounds the (n, classes, H, W) probabilities held at once.
 MASK_CHUNK = 16
-
-
-def check_output(out: Path | None, force: bool) -> None:
-    """Refuse an output file before any work: it exists (without ``--force``) or cannot be written there."""
-    if out is None:
-        return
-    if out.exists() and not force:
-        raise OutputExistsError(f"output file '{out}' already exists; pass --force to replace it")
-    if out.is_dir():
-        raise IsADirectoryError(f"output '{out}' is a directory; give a file name")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"cannot write '{out}': directory '{out.parent}' does not exist")
 
 
 def collect_image_names(arguments: Sequence[Path]) -> list[tuple[Path, str]]:

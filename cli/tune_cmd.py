@@ -17,12 +17,12 @@ from sklearn_bayes_transfer.data import load_image_folder
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.metrics import SCORERS, get_scorer
 from sklearn_bayes_transfer.modelfile import save_model
+from sklearn_bayes_transfer.optim import OptimizerName, optimizer_arguments
 from sklearn_bayes_transfer.prior import Prior, PriorStructure
 from sklearn_bayes_transfer.tuning import DEFAULT_DECADES, default_param_grid, results_table
 
-from ._app import app, console, handle_errors, resolve_device
-from .finetune_cmd import OptimizerName, _check_number, _optimizer, _preprocessing
-from .predict_cmd import check_output
+from ._app import app, check_output, console, handle_errors, resolve_device
+from .finetune_cmd import _check_number, _preprocessing
 from .fit_prior_cmd import parse_image_size
 
 __all__ = ["tune", "parse_scales"]
@@ -94,10 +94,10 @@ def tune(
     if counts.min() < cv:
         raise ConfigError(f"--cv {cv} needs at least {cv} images of every class, but class {labels[counts.argmin()]!r} "
                           f"has {counts.min()}; lower --cv or add images")
-    optimizer_cls, optimizer_args = _optimizer(optimizer, momentum)
-    estimator = PriorRegularizedClassifier(prior_obj, preprocess=preprocess, optimizer=optimizer_cls, lr=lr,
-                                           max_epochs=epochs, batch_size=batch_size, device=device, verbose=0,
-                                           iterator_train__shuffle=True, **optimizer_args)
+    estimator = PriorRegularizedClassifier(prior_obj, preprocess=preprocess, lr=lr, max_epochs=epochs,
+                                           batch_size=batch_size, device=device, verbose=0,
+                                           iterator_train__shuffle=True,
+                                           **optimizer_arguments(optimizer, momentum=momentum))
     search = GridSearchCV(estimator, grid, cv=StratifiedKFold(cv, shuffle=True, random_state=seed),
                           scoring=scorer, n_jobs=n_jobs, refit=out is not None, error_score="raise")
     n_candidates = sum(len(g.get("prior_scale", [None])) * len(g["prior_structure"]) for g in grid)

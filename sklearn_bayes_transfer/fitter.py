@@ -34,6 +34,7 @@ from torchvision.transforms import v2
 from .backbones import backbone_arguments, backbone_meta, feature_dim_of, get_backbone
 from .data import Preprocess, as_image_tensor, load_image_folder, prepare_images
 from .exceptions import ConfigError, DataError, TrainingDivergedError
+from .optim import optimizer_arguments
 from .prior import Prior
 from .swag import CollectUnit, SwagCallback, SwagSchedule
 
@@ -314,6 +315,8 @@ class PriorFitter(BaseEstimator):
         Total training epochs, collection included.
     lr : float, default=0.05
         Learning rate before collection (and the top of cosine cycles).
+    optimizer : {"sgd", "adam", "fop"} or torch.optim.Optimizer class, default="sgd"
+        See :class:`~sklearn_bayes_transfer.optim.OptimizerName`.
     momentum, weight_decay : float, default=0.9, 5e-4
         SGD settings.
     batch_size : int, default=128
@@ -388,6 +391,7 @@ class PriorFitter(BaseEstimator):
         source_task: SourceTask | str = "supervised",
         epochs: int = 30,
         lr: float = 0.05,
+        optimizer: str | type = "sgd",
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         batch_size: int = 128,
@@ -414,6 +418,7 @@ class PriorFitter(BaseEstimator):
         self.source_task = source_task
         self.epochs = epochs
         self.lr = lr
+        self.optimizer = optimizer
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.batch_size = batch_size
@@ -603,10 +608,9 @@ class PriorFitter(BaseEstimator):
         return NeuralNet(
             module,
             criterion=NTXentLoss if task is SourceTask.SIMCLR else nn.CrossEntropyLoss,
-            optimizer=torch.optim.SGD,
             lr=float(self.lr),
-            optimizer__momentum=float(self.momentum),
-            optimizer__weight_decay=float(self.weight_decay),
+            **optimizer_arguments(self.optimizer, momentum=float(self.momentum),
+                                  weight_decay=float(self.weight_decay)),
             max_epochs=int(self.epochs),
             batch_size=int(self.batch_size),
             train_split=None,

@@ -73,13 +73,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from enum import Enum
 from typing import Any
 
 import torch
 
 from .exceptions import ConfigError
 
-__all__ = ["FOP"]
+__all__ = ["FOP", "OptimizerName", "optimizer_arguments"]
 
 
 # Largest ||precond_lr * lr * S||_2 allowed in one preconditioner step (see _hyper_step).
@@ -359,3 +360,46 @@ class FOP(torch.optim.Optimizer):
                 target.addmm_(u, m @ m.T, alpha=-lr)
         else:
             p.add_(_apply_precond(u, m).view(p.shape), alpha=-lr)
+
+
+class OptimizerName(str, Enum):
+    """Optimizers selectable by name (estimators' ``optimizer``, the CLI's ``--optimizer``).
+
+    - ``"sgd"``: :class:`torch.optim.SGD` with momentum; downstream, the prior is then applied
+      as an exact proximal step, stable for every prior scale;
+    - ``"adam"``: :class:`torch.optim.Adam` (no momentum argument);
+    - ``"fop"``: :class:`FOP`, SGD with learned first-order preconditioning.
+    """
+
+    SGD = "sgd"
+    ADAM = "adam"
+    FOP = "fop"
+
+
+def optimizer_arguments(optimizer: "OptimizerName | str | type[torch.optim.Optimizer]", *,
+                        momentum: float = 0.0, weight_decay: float = 0.0) -> dict[str, Any]:
+    """skorch keyword arguments (``optimizer``, ``optimizer__...``) for a named or given optimizer.
+
+    Momentum is passed only to optimizers that take it (SGD, FOP).
+
+    Examples
+    --------
+    >>> optimizer_arguments("fop", momentum=0.9)["optimizer"].__name__
+    'FOP'
+    """
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        cls = optimizer
+    else:
+        try:
+            name = OptimizerName(optimizer)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in OptimizerName)
+            raise ConfigError(f"optimizer={optimizer!r} is not valid; expected one of {allowed} or a "
+                              "torch.optim.Optimizer class") from None
+        cls = {OptimizerName.SGD: torch.optim.SGD, OptimizerName.ADAM: torch.optim.Adam, OptimizerName.FOP: FOP}[name]
+    kwargs: dict[str, Any] = {"optimizer": cls}
+    if cls is not torch.optim.Adam and cls is not torch.optim.AdamW:
+        kwargs["optimizer__momentum"] = float(momentum)
+    if weight_decay:
+        kwargs["optimizer__weight_decay"] = float(weight_decay)
+    return kwargs
