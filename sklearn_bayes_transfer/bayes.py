@@ -60,7 +60,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .exceptions import ConfigError, PriorFormatError
 from .penalty import PriorPenalty
-from .swag import SwagCallback, _as_enum
+from ._validation import check_choice
+from .swag import SwagCallback
 
 __all__ = [
     "BN_MAX_EXAMPLES",
@@ -168,7 +169,7 @@ def plan_sampling(
     >>> plan.start, plan.sample_epochs   # epochs 2, 3 and 6, 7 of the phase end low in a cycle
     (8, (2, 3, 6, 7))
     """
-    inference = _as_enum(Inference, inference, "inference")
+    inference = check_choice(Inference, inference, "inference")
     max_epochs = _check_int(max_epochs, "max_epochs", 1)
     _check_int(n_samples, "n_samples", 1)
     sample_every = _check_int(sample_every, "sample_every", 1)
@@ -628,7 +629,7 @@ class BayesianInferenceMixin:
     # -- prediction --------------------------------------------------------------------------------------
     def _prediction_samples(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``n_samples`` stored samples to average (evenly spread over those kept)."""
-        inference = _as_enum(Inference, self.inference, "inference")
+        inference = check_choice(Inference, self.inference, "inference")
         samples = getattr(self, "samples_", None)
         if samples is None:
             raise ConfigError(
@@ -656,7 +657,7 @@ class BayesianInferenceMixin:
         dim 1 for classes, per pixel for a segmenter), so the average is Bayesian model averaging
         whatever the output's shape. ``module_`` gets its own weights back afterwards.
         """
-        if _as_enum(Inference, self.inference, "inference") is Inference.MAP:
+        if check_choice(Inference, self.inference, "inference") is Inference.MAP:
             return predict()
         samples, buffers = self._prediction_samples()
         params = list(self.module_.parameters())
@@ -684,7 +685,7 @@ class BayesianInferenceMixin:
         named = list(self.module_.named_parameters())
         bn = batchnorm_buffers(self.module_)
         return {
-            "inference": _as_enum(Inference, self.inference, "inference").value,
+            "inference": check_choice(Inference, self.inference, "inference").value,
             "samples": samples.detach().to("cpu", torch.float32).contiguous(),
             "sample_buffers": self.sample_buffers_.detach().to("cpu", torch.float32).contiguous(),
             "sample_param_names": [n for n, _ in named],
@@ -726,7 +727,7 @@ class BayesianInferenceMixin:
         if not (isinstance(buffers, torch.Tensor) and tuple(buffers.shape) == (len(samples), b)):
             raise PriorFormatError(f"the model file's 'sample_buffers' must be a tensor of shape ({len(samples)}, "
                                    f"{b}), got {getattr(buffers, 'shape', type(buffers).__name__)}")
-        inference = _as_enum(Inference, extras.get("inference", self.inference), "inference")
+        inference = check_choice(Inference, extras.get("inference", self.inference), "inference")
         storage = _as_device(self.inference_device)
         self.inference = inference.value
         # Copies: a model file is read memory-mapped, and the samples outlive it.

@@ -33,6 +33,7 @@ from torchvision.transforms import v2
 
 from .backbones import backbone_arguments, backbone_meta, feature_dim_of, get_backbone
 from .data import Preprocess, as_image_tensor, load_image_folder, prepare_images
+from ._validation import check_choice
 from .exceptions import ConfigError, DataError, TrainingDivergedError
 from .optim import optimizer_arguments
 from .prior import Prior
@@ -63,13 +64,6 @@ class SourceTask(str, Enum):
     SUPERVISED = "supervised"
     SIMCLR = "simclr"
 
-
-def _as_enum(enum: type[Enum], value: Any, argument: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in enum)
-        raise ConfigError(f"{argument}={value!r} is not valid; expected one of {allowed}") from None
 
 
 # -- SimCLR pieces ----------------------------------------------------------------------------------
@@ -442,9 +436,9 @@ class PriorFitter(BaseEstimator):
 
     # -- validation --------------------------------------------------------------------------------
     def _validate_params(self) -> SourceTask:
-        task = _as_enum(SourceTask, self.source_task, "source_task")
-        _as_enum(SwagSchedule, self.swag_schedule, "swag_schedule")
-        _as_enum(CollectUnit, self.collect_unit, "collect_unit")
+        task = check_choice(SourceTask, self.source_task, "source_task")
+        check_choice(SwagSchedule, self.swag_schedule, "swag_schedule")
+        check_choice(CollectUnit, self.collect_unit, "collect_unit")
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 2:
             raise ConfigError(f"rank={self.rank!r} is not valid; SWAG needs rank >= 2 deviation columns (the "
                               "low-rank covariance divides by rank - 1); typical values are 5 to 20")

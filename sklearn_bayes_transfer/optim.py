@@ -78,6 +78,7 @@ from typing import Any
 
 import torch
 
+from ._validation import check_choice
 from .exceptions import ConfigError
 
 __all__ = ["FOP", "OptimizerName", "optimizer_arguments"]
@@ -390,12 +391,7 @@ def optimizer_arguments(optimizer: "OptimizerName | str | type[torch.optim.Optim
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
         cls = optimizer
     else:
-        try:
-            name = OptimizerName(optimizer)
-        except ValueError:
-            allowed = ", ".join(repr(m.value) for m in OptimizerName)
-            raise ConfigError(f"optimizer={optimizer!r} is not valid; expected one of {allowed} or a "
-                              "torch.optim.Optimizer class") from None
+        name = check_choice(OptimizerName, optimizer, "optimizer")
         cls = {OptimizerName.SGD: torch.optim.SGD, OptimizerName.ADAM: torch.optim.Adam, OptimizerName.FOP: FOP}[name]
     kwargs: dict[str, Any] = {"optimizer": cls}
     if cls is not torch.optim.Adam and cls is not torch.optim.AdamW:

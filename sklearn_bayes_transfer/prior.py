@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_torch_save, safe_torch_load
+from ._validation import check_choice
 from .exceptions import ConfigError, PriorFormatError, PriorMismatchError
 
 __all__ = [
@@ -69,13 +70,6 @@ class FactorNormalization(str, Enum):
     RAW = "raw"
     NORMALIZED = "normalized"
 
-
-def _as_enum(enum: type[Enum], value: Any, argument: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in enum)
-        raise ConfigError(f"{argument}={value!r} is not valid; expected one of {allowed}") from None
 
 
 def _strip_wrapper_prefix(name: str) -> str:
@@ -331,7 +325,7 @@ class Prior:
 
     def reduce(self, structure: PriorStructure | str) -> "Prior":
         """Return the prior reduced to ``structure`` (``"lowrank"``, ``"diag"`` or ``"isotropic"``)."""
-        structure = _as_enum(PriorStructure, structure, "prior_structure")
+        structure = check_choice(PriorStructure, structure, "prior_structure")
         if structure is PriorStructure.LOWRANK:
             return self
         empty = torch.zeros(0, self.n_params, dtype=self._factor.dtype)
@@ -501,7 +495,7 @@ class Prior:
         detection is ambiguous. The mean is checked against the model file's parameters; a
         difference (the file may hold the last SWAG iterate) is reported as a warning.
         """
-        normalization = _as_enum(FactorNormalization, factor_normalization, "factor_normalization")
+        normalization = check_choice(FactorNormalization, factor_normalization, "factor_normalization")
         prefix = str(prefix)
         paths = {part: Path(f"{prefix}_{part}.pt") for part in ("model", "mean", "variance", "covmat")}
         missing = [str(p) for p in paths.values() if not p.exists()]

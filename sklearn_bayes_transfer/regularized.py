@@ -33,6 +33,7 @@ from torch import nn
 from .backbones import backbone_from_meta
 from .bayes import BayesianInferenceMixin
 from .data import Preprocess, TransformedDataset, prepare_images
+from ._validation import check_choice
 from .exceptions import ConfigError, DataError, PriorMismatchError, TrainingDivergedError
 from .penalty import PriorPenalty
 from .prior import Prior, PriorStructure, named_parameters_for
@@ -69,13 +70,6 @@ class BackboneWithHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
-
-def _check_choice(enum: type[Enum], value: Any, argument: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in enum)
-        raise ConfigError(f"{argument}={value!r} is not valid; expected one of {allowed}") from None
 
 
 def _check_positive(value: Any, argument: str, *, allow_zero: bool = False) -> float:
@@ -118,7 +112,7 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         raise ConfigError(f"prior must be a Prior, a path to a prior file or None, got {type(prior).__name__}")
 
     def _structure(self) -> PriorStructure:
-        structure = _check_choice(PriorStructure, self.prior_structure, "prior_structure")
+        structure = check_choice(PriorStructure, self.prior_structure, "prior_structure")
         if self.prior is None:
             # Without a prior there is nothing to regularise towards: plain fine-tuning.
             return PriorStructure.NONE
@@ -128,7 +122,7 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         _check_positive(self.prior_scale, "prior_scale")
         _check_positive(self.prior_eps, "prior_eps", allow_zero=True)
         _check_positive(self.head_weight_decay, "head_weight_decay", allow_zero=True)
-        _check_choice(PriorUpdate, self.prior_update, "prior_update")
+        check_choice(PriorUpdate, self.prior_update, "prior_update")
         self._check_inference_hyperparameters()
         self._structure()
         if self.prior is None and self.module is None:

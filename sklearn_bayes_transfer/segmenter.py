@@ -28,7 +28,8 @@ from torch import nn
 from .data import JointTransform, as_image_tensor, as_mask_tensor, resize_masks
 from .exceptions import ConfigError, DataError
 from .metrics import miou_scorer
-from .regularized import BackboneWithHead, PriorRegularizedMixin, _as_numpy, _check_choice
+from ._validation import check_choice
+from .regularized import BackboneWithHead, PriorRegularizedMixin, _as_numpy
 
 __all__ = [
     "IGNORE_TARGET",
@@ -156,7 +157,7 @@ def build_segmentation_head(kind: SegmentationHead | str, in_channels: int, n_cl
     >>> type(build_segmentation_head("fcn", 16, 3)).__name__
     'FCNHead'
     """
-    kind = _check_choice(SegmentationHead, kind, "head")
+    kind = check_choice(SegmentationHead, kind, "head")
     if kind is SegmentationHead.FCN:
         return FCNHead(in_channels, n_classes)
     return DeepLabV3Head(in_channels, n_classes)
@@ -368,7 +369,7 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         ignore = self.ignore_index
         if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, (int, np.integer))):
             raise ConfigError(f"ignore_index must be an int or None, got {ignore!r}")
-        _check_choice(SegmentationHead, self.head, "head")
+        check_choice(SegmentationHead, self.head, "head")
         if self.augment is not None and not callable(self.augment):
             raise ConfigError(f"augment must be a JointTransform, a callable (image, mask) -> (image, mask) or "
                               f"None, got {type(self.augment).__name__}")

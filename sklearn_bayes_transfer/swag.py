@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from skorch.callbacks import Callback
 
+from ._validation import check_choice
 from .exceptions import ConfigError, PriorMismatchError
 from .prior import Prior
 
@@ -61,13 +62,6 @@ class SwagSchedule(str, Enum):
     CONSTANT = "constant"
     COSINE = "cosine"
 
-
-def _as_enum(enum: type[Enum], value: Any, argument: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in enum)
-        raise ConfigError(f"{argument}={value!r} is not valid; expected one of {allowed}") from None
 
 
 class SwagCollector:
@@ -375,8 +369,8 @@ class SwagCallback(Callback):
 
     # -- validation and planning ------------------------------------------------------------------
     def _validate(self) -> None:
-        self.unit_ = _as_enum(CollectUnit, self.unit, "unit")
-        self.schedule_ = _as_enum(SwagSchedule, self.schedule, "schedule")
+        self.unit_ = check_choice(CollectUnit, self.unit, "unit")
+        self.schedule_ = check_choice(SwagSchedule, self.schedule, "schedule")
         for name in ("start", "collect_every", "rank"):
             value = getattr(self, name)
             low = {"start": 0, "collect_every": 1, "rank": 2}[name]
