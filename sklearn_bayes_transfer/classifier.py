@@ -218,28 +218,10 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
     # -- sklearn / skorch entry points ------------------------------------------------------------
     def fit(self, X, y=None, **fit_params):
         """Fine-tune on images ``X`` (arrays (N,H,W) / (N,C,H,W), or a Dataset) and labels ``y``."""
-        fresh = not self.warm_start or not getattr(self, "initialized_", False)
-        X = self._validate_X(X, reset=fresh)
-        if fresh:
-            y = self._fit_labels(X, y)
-            self._check_prior_hyperparameters()
-            self.prior_ = self._resolve_prior()
-            self.preprocess_ = self._fit_preprocess(X)
-        Xt, yt = self._prepare_Xy(X, y)
-        self.input_shape_ = tuple(Xt[0][0].shape if isinstance(Xt, torch.utils.data.Dataset) else Xt.shape[1:])
-        self._in_fit_ = True
-        try:
-            return super().fit(Xt, yt, **fit_params)
-        finally:
-            del self._in_fit_
+        return super().fit(X, y, **fit_params)
 
-    def partial_fit(self, X, y=None, classes=None, **fit_params):
-        if getattr(self, "_in_fit_", False):
-            return super().partial_fit(X, y, classes=classes, **fit_params)
-        if not getattr(self, "initialized_", False):
-            return self.fit(X, y, **fit_params)
-        X = self._validate_X(X, reset=False)
-        return super().partial_fit(*self._prepare_Xy(X, y), classes=classes, **fit_params)
+    def _learn_targets(self, X: Any, y: Any) -> np.ndarray:
+        return self._fit_labels(X, y)
 
     def _prepare_Xy(self, X: Any, y: Any) -> tuple[Any, torch.Tensor]:
         """Preprocessed inputs and class indices; a Dataset's own labels are encoded per item."""

@@ -179,10 +179,44 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
 
     # -- skorch hooks -----------------------------------------------------------------------------
     def fit(self, X, y=None, **fit_params):
-        """As skorch's ``fit``; with ``random_state`` set, the whole fit (head initialisation,
-        shuffling, dropout, sampling) is reproducible and torch's global RNG is left untouched."""
-        with _seeded(getattr(self, "random_state", None)):
-            return super().fit(X, y, **fit_params)
+        """Fine-tune on images ``X`` and targets ``y`` (see the estimator's docstring).
+
+        Learns the targets' encoding and the preprocessing, then runs skorch's ``fit``. With
+        ``random_state`` set, the whole fit (head initialisation, shuffling, dropout, sampling) is
+        reproducible and torch's global RNG is left untouched.
+        """
+        X, y = self._fit_inputs(X, y)
+        fresh = not self.warm_start or not getattr(self, "initialized_", False)
+        X = self._validate_X(X, reset=fresh)
+        if fresh:
+            y = self._learn_targets(X, y)
+            self._check_prior_hyperparameters()
+            self.prior_ = self._resolve_prior()
+            self.preprocess_ = self._fit_preprocess(X)
+        Xt, yt = self._prepare_Xy(X, y)
+        first = Xt[0][0] if isinstance(Xt, torch.utils.data.Dataset) else Xt[0]
+        self.input_shape_ = tuple(first.shape)
+        # skorch's fit calls partial_fit, which must not prepare the data a second time.
+        self._in_fit_ = True
+        try:
+            with _seeded(getattr(self, "random_state", None)):
+                return super().fit(Xt, yt, **fit_params)
+        finally:
+            del self._in_fit_
+
+    def partial_fit(self, X, y=None, classes=None, **fit_params):
+        """Continue training on more data (the first call fits)."""
+        if getattr(self, "_in_fit_", False):
+            return super().partial_fit(X, y, classes=classes, **fit_params)
+        if not getattr(self, "initialized_", False):
+            return self.fit(X, y, **fit_params)
+        X, y = self._fit_inputs(X, y)
+        X = self._validate_X(X, reset=False)
+        return super().partial_fit(*self._prepare_Xy(X, y), classes=classes, **fit_params)
+
+    def _fit_inputs(self, X: Any, y: Any) -> tuple[Any, Any]:
+        """Hook: checks and unpacking of ``(X, y)`` before validation (identity by default)."""
+        return X, y
 
     def initialize_module(self):
         """Build the default module (prior's backbone + new head) or the user's, then bind the prior."""
@@ -328,6 +362,14 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
 
     # -- to implement --------------------------------------------------------------------------
     def _build_head(self, backbone: nn.Module) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _learn_targets(self, X: Any, y: Any) -> Any:  # pragma: no cover - abstract
+        """Learn ``classes_`` from the targets; return them in the form ``_prepare_Xy`` takes."""
+        raise NotImplementedError
+
+    def _prepare_Xy(self, X: Any, y: Any) -> tuple[Any, Any]:  # pragma: no cover - abstract
+        """Preprocessed inputs and encoded targets, ready for skorch."""
         raise NotImplementedError
 
     @classmethod

@@ -453,35 +453,18 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         ConfigError
             For invalid hyperparameters.
         """
+        return super().fit(X, y, **fit_params)
+
+    def _fit_inputs(self, X: Any, y: Any) -> tuple[Any, Any]:
         X, y = _pairs_from_dataset(X, y)
         if y is None:
             raise DataError("y is required: pass masks (N, H, W) of class ids, or a Dataset of (image, mask) pairs")
-        masks = _checked_masks(X, y)
-        fresh = not self.warm_start or not getattr(self, "initialized_", False)
-        X = self._validate_X(X, reset=fresh)
-        if fresh:
-            self._check_segmenter_params()
-            self._fit_classes(masks)
-            self._check_prior_hyperparameters()
-            self.prior_ = self._resolve_prior()
-            self.preprocess_ = self._fit_preprocess(X)
-        Xt, yt = self._prepare_Xy(X, masks)
-        self.input_shape_ = tuple(Xt.shape[1:])
-        self._in_fit_ = True
-        try:
-            return super().fit(Xt, yt, **fit_params)
-        finally:
-            del self._in_fit_
+        return X, _checked_masks(X, y)
 
-    def partial_fit(self, X, y=None, classes=None, **fit_params):
-        if getattr(self, "_in_fit_", False):
-            return super().partial_fit(X, y, classes=classes, **fit_params)
-        if not getattr(self, "initialized_", False):
-            return self.fit(X, y, **fit_params)
-        X, y = _pairs_from_dataset(X, y)
-        masks = _checked_masks(X, y)
-        X = self._validate_X(X, reset=False)
-        return super().partial_fit(*self._prepare_Xy(X, masks), classes=classes, **fit_params)
+    def _learn_targets(self, X: Any, masks: Any) -> Any:
+        self._check_segmenter_params()
+        self._fit_classes(masks)
+        return masks
 
     def initialize_criterion(self):
         super().initialize_criterion()
