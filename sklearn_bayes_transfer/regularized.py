@@ -220,8 +220,10 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
 
     def initialize_module(self):
         """Build the default module (prior's backbone + new head) or the user's, then bind the prior."""
-        self._check_prior_hyperparameters()
-        self.prior_ = self._resolve_prior()
+        if not getattr(self, "_in_fit_", False):
+            # fit has checked the hyperparameters and loaded the prior already.
+            self._check_prior_hyperparameters()
+            self.prior_ = self._resolve_prior()
         if self.module is None:
             backbone = backbone_from_meta(self.prior_.meta)
             _load_prior_state(backbone, self.prior_)
