@@ -137,6 +137,19 @@ def _apply_precond(u: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return u @ (m @ m.T)
 
 
+def _gram(u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``u^T g`` for tall ``(n, d)`` matrices.
+
+    One GEMM with a tiny ``d x d`` output and a huge inner dimension runs at about half the memory
+    bandwidth on CPUs; a batch of 64 row blocks, summed, streams the inputs at full speed.
+    """
+    n, d = u.shape
+    blocks = 64
+    if n < 64 * blocks or n % blocks or not (u.is_contiguous() and g.is_contiguous()):
+        return u.T @ g
+    return torch.bmm(u.view(blocks, -1, d).transpose(1, 2), g.view(blocks, -1, d)).sum(0)
+
+
 def _hyper_step(u_prev: torch.Tensor, g: torch.Tensor, m: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * S M`` with ``S = U^T G + G^T U``, shrunk so that ``||scale * S||_2 <= 1/2``.
 
@@ -149,7 +162,7 @@ def _hyper_step(u_prev: torch.Tensor, g: torch.Tensor, m: torch.Tensor, scale: f
         step = u_prev.T @ (g @ m) + g.T @ (u_prev @ m)
         bound = 2 * torch.linalg.vector_norm(u_prev) * torch.linalg.vector_norm(g)
     else:
-        h = u_prev.T @ g
+        h = _gram(u_prev, g)
         s = h + h.T
         step = s @ m
         abs_s = s.abs()
@@ -353,14 +366,8 @@ class FOP(torch.optim.Optimizer):
             return
         u = u.reshape(-1, d)
         m = state["precond"]
-        if p.is_contiguous():  # fused: W <- W - lr * U M M^T without a temporary the size of W
-            target = p.view(-1, d)
-            if u.shape[0] < d:
-                target.addmm_(u @ m, m.T, alpha=-lr)
-            else:
-                target.addmm_(u, m @ m.T, alpha=-lr)
-        else:
-            p.add_(_apply_precond(u, m).view(p.shape), alpha=-lr)
+        # A product then an add streams faster than the fused addmm_ with a d x d right factor.
+        p.add_(_apply_precond(u, m).view(p.shape), alpha=-lr)
 
 
 class OptimizerName(str, Enum):
