@@ -1,10 +1,12 @@
 """Time the prior penalty (value + gradient) on ResNet-18 against its memory floor and against
 ``torch.distributions.LowRankMultivariateNormal``.
 
-Run:  python benchmarks/penalty.py [--repeats 9] [--threads 2] [--ranks 5 20]
+Run:  python benchmarks/penalty.py [--repeats 9] [--threads 2] [--ranks 5 20] [--skip-distributions]
 
 Per configuration it prints medians (ms) of:
-- ours:  PriorPenalty value + backward (two streamed passes over the factor),
+- ours:  PriorPenalty value + backward (two streamed passes over the factor) with the default
+  backend (the compiled kernel when it builds here; the header says which),
+- torch passes: the same with ``backend="torch"`` (no compiler needed),
 - floor: two full reductions over the precomputed factor W (the same bytes our passes read),
 - torch.distributions: LowRankMultivariateNormal.log_prob on the concatenated parameters with
   autograd (the official code's route), built once outside the timing.
@@ -20,6 +22,7 @@ import torch
 import torchvision
 
 from sklearn_bayes_transfer import Prior, PriorPenalty
+from sklearn_bayes_transfer._kernel import KernelUnavailable, load_kernel
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -60,7 +63,13 @@ def main() -> None:
     d = sum(p.numel() for p in params)
     print(f"ResNet-18 backbone: D = {d:,} parameters, {len(params)} tensors, {args.threads} threads, "
           f"median of {args.repeats}")
-    header = f"{'K':>3} {'factor':>9} | {'ours ms':>8} {'floor ms':>9} {'ours/floor':>10} | {'distributions ms':>16} {'speed-up':>8}"
+    try:
+        load_kernel()
+        print("ours = compiled kernel (backend='auto')")
+    except KernelUnavailable as exc:
+        print(f"ours = torch passes, the kernel is unavailable: {exc}")
+    header = (f"{'K':>3} {'factor':>9} | {'ours ms':>8} {'floor ms':>9} {'ours/floor':>10} | {'torch passes':>12} "
+              f"{'/floor':>6} | {'distributions ms':>16} {'speed-up':>8}")
     print(header)
     print("-" * len(header))
     for rank in args.ranks:
@@ -75,26 +84,41 @@ def main() -> None:
                     p.grad = None
                 (-dist.log_prob(torch.cat([p.reshape(-1) for p in params]))).backward()
 
-            dist_ms = median_ms(through_distributions, max(3, args.repeats // 3))
+            dist_ms = median_ms(through_distributions, args.repeats)  # its time varies 2-3x from call to call
             del dist
         for dtype in (torch.float32, torch.bfloat16):
             penalty = PriorPenalty(prior, scale=1.0, factor_dtype=dtype)
             penalty(params)  # builds W on first use
             w_t = penalty._cache[(torch.device("cpu"), torch.float32)].w_t
+            torch_only = PriorPenalty(prior, scale=1.0, factor_dtype=dtype, backend="torch")
 
-            def ours() -> None:
+            def run(pen: PriorPenalty) -> None:
                 for p in params:
                     p.grad = None
-                penalty(params).backward()
+                pen(params).backward()
+
+            def ours() -> None:
+                run(penalty)
+
+            def torch_passes() -> None:
+                run(torch_only)
 
             def floor() -> None:
                 w_t.sum()
                 w_t.sum()
 
-            t_ours, t_floor = median_ms(ours, args.repeats), median_ms(floor, args.repeats)
+            # Interleave the timings so drifts of the machine's speed hit all three alike.
+            t_ours, t_floor, t_torch = [], [], []
+            for _ in range(3):
+                t_ours.append(median_ms(ours, args.repeats))
+                t_floor.append(median_ms(floor, args.repeats))
+                t_torch.append(median_ms(torch_passes, max(3, args.repeats // 3)))
+            t_ours, t_floor, t_torch = (statistics.median(t) for t in (t_ours, t_floor, t_torch))
+            del torch_only
             name = str(dtype).replace("torch.", "")
             dist_txt = f"{dist_ms:16.1f} {dist_ms / t_ours:7.1f}x" if dist_ms else f"{'-':>16} {'-':>8}"
-            print(f"{rank:>3} {name:>9} | {t_ours:8.1f} {t_floor:9.1f} {t_ours / t_floor:9.2f}x | {dist_txt}", flush=True)
+            print(f"{rank:>3} {name:>9} | {t_ours:8.1f} {t_floor:9.1f} {t_ours / t_floor:9.2f}x | {t_torch:12.1f} "
+                  f"{t_torch / t_floor:5.2f}x | {dist_txt}", flush=True)
 
 
 if __name__ == "__main__":

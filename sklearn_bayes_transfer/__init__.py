@@ -17,7 +17,7 @@ from .exceptions import (  # noqa: E402
     TrainingDivergedError,
 )
 from .prior import Prior, PriorStructure  # noqa: E402
-from .penalty import PriorPenalty  # noqa: E402
+from .penalty import PenaltyBackend, PriorPenalty  # noqa: E402
 from .fitter import PriorFitter  # noqa: E402
 from .classifier import PriorRegularizedClassifier  # noqa: E402
 from .segmenter import PriorRegularizedSegmenter  # noqa: E402
@@ -36,6 +36,7 @@ __all__ = [
     "Prior",
     "PriorStructure",
     "PriorPenalty",
+    "PenaltyBackend",
     "PriorFitter",
     "PriorRegularizedClassifier",
     "PriorRegularizedSegmenter",

@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributions import LowRankMultivariateNormal
 
 from sklearn_bayes_transfer import ConfigError, Prior, PriorMismatchError, PriorPenalty
+from sklearn_bayes_transfer._kernel import KernelUnavailable, load_kernel
 
 STRUCTURES = ["lowrank", "diag", "isotropic"]
 SCALES = [1e-6, 1e-3, 1.0, 1e3, 1e6, 1e10]
@@ -23,6 +24,17 @@ ODD_SHAPES = ((4, 3), (4,), (5, 4), (5,), (2, 5), (2,))
 
 
 # -- helpers ------------------------------------------------------------------------------------
+@pytest.fixture(params=["torch", "compiled"])
+def backend(request) -> str:
+    """Both implementations of the passes; the compiled one only where a C compiler builds it."""
+    if request.param == "compiled":
+        try:
+            load_kernel()
+        except KernelUnavailable as exc:
+            pytest.skip(f"the compiled kernel cannot be built here: {exc}")
+    return request.param
+
+
 def reference(prior: Prior, structure: str, scale: float, eps: float) -> LowRankMultivariateNormal:
     """The scaled, reduced prior as a float64 torch distribution."""
     reduced = prior.reduce(structure)
@@ -92,11 +104,11 @@ class WithHead(nn.Module):
 @pytest.mark.parametrize("structure", STRUCTURES)
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("eps", [0.0, 1e-3])
-def test_matches_low_rank_mvn(random_prior, mlp, structure, scale, eps):
+def test_matches_low_rank_mvn(random_prior, mlp, structure, scale, eps, backend):
     prior = random_prior(rank=3, seed=2)
     w = point_near(prior)
     params = load_into(mlp, prior, w)
-    penalty = PriorPenalty(prior, scale=scale, eps=eps, structure=structure)
+    penalty = PriorPenalty(prior, scale=scale, eps=eps, structure=structure, backend=backend)
     dist = reference(prior, structure, scale, eps)
     ref_value, ref_grad = ref_penalty_and_grad(dist, torch.cat([p.detach().reshape(-1) for p in params]))
 
@@ -137,10 +149,11 @@ def test_zero_at_the_mean(random_prior, mlp):
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 13, 53, 10_000])
 @pytest.mark.parametrize("structure", ["lowrank", "isotropic"])
-def test_chunks_spanning_and_cutting_parameters(random_prior, mlp, chunk_size, structure):
+def test_chunks_spanning_and_cutting_parameters(random_prior, mlp, chunk_size, structure, backend):
     prior = random_prior(ODD_SHAPES, rank=4, seed=5)
     params = load_into(mlp, prior, point_near(prior, seed=6))
-    penalty = PriorPenalty(prior, scale=3.0, eps=1e-4, structure=structure, chunk_size=chunk_size)
+    penalty = PriorPenalty(prior, scale=3.0, eps=1e-4, structure=structure, chunk_size=chunk_size,
+                           backend=backend)
     ref_value, ref_grad = ref_penalty_and_grad(reference(prior, structure, 3.0, 1e-4),
                                                torch.cat([p.detach().reshape(-1) for p in params]))
     value = penalty(params)
@@ -171,12 +184,13 @@ def test_float64_module(random_prior):
 def test_low_precision_factor(random_prior, mlp, low):
     prior = random_prior(ODD_SHAPES, rank=4, seed=8)
     params = load_into(mlp, prior, point_near(prior, seed=9))
-    exact = PriorPenalty(prior, scale=100.0, chunk_size=7)
+    exact = PriorPenalty(prior, scale=100.0, chunk_size=7, backend="torch")
     value32 = exact(params)
     value32.backward()
     grad32 = flat_grad(params)
     for penalty in (PriorPenalty(prior.with_factor_dtype(low), scale=100.0, chunk_size=7),
-                    PriorPenalty(prior, scale=100.0, factor_dtype=low, chunk_size=7)):
+                    PriorPenalty(prior, scale=100.0, factor_dtype=low, chunk_size=7),
+                    PriorPenalty(prior, scale=100.0, factor_dtype=low, chunk_size=7, backend="torch")):
         for p in params:
             p.grad = None
         value = penalty(params)
@@ -238,10 +252,10 @@ def test_wrong_parameter_list_is_a_mismatch(random_prior, mlp):
         penalty([params[0], params[1], params[2].T, *params[3:]])
 
 
-def test_interleaved_evaluations_keep_their_own_gradients(random_prior):
+def test_interleaved_evaluations_keep_their_own_gradients(random_prior, backend):
     # The first pass caches r / d for the backward; a second evaluation in between must not leak.
     prior = random_prior(rank=3, seed=12)
-    penalty = PriorPenalty(prior, scale=5.0, chunk_size=7)
+    penalty = PriorPenalty(prior, scale=5.0, chunk_size=7, backend=backend)
     nets, points = [], []
     for seed in (13, 14):
         net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
@@ -255,6 +269,33 @@ def test_interleaved_evaluations_keep_their_own_gradients(random_prior):
     dist = reference(prior, "lowrank", 5.0, 0.0)
     for net, w in zip(nets, points):
         assert_grad_close(flat_grad(list(net.parameters())), ref_penalty_and_grad(dist, w)[1], rtol=1e-4)
+
+
+def test_second_backward_through_a_retained_graph(random_prior, mlp, backend):
+    # The kernel turns its forward buffers into the gradient in place; a second backward must
+    # not reuse them.
+    prior = random_prior(rank=4, seed=15)
+    params = load_into(mlp, prior, point_near(prior, seed=16))
+    value = PriorPenalty(prior, scale=2.0, backend=backend)(params)
+    value.backward(retain_graph=True)
+    first = flat_grad(params)
+    for p in params:
+        p.grad = None
+    (3.0 * value).backward()
+    assert_grad_close(flat_grad(params), 3.0 * first, rtol=1e-6)
+    _, ref_grad = ref_penalty_and_grad(reference(prior, "lowrank", 2.0, 0.0),
+                                       torch.cat([p.detach().reshape(-1) for p in params]))
+    assert_grad_close(first, ref_grad, rtol=1e-4)
+
+
+def test_value_without_grad_equals_value_with_grad(random_prior, mlp, backend):
+    prior = random_prior(rank=4, seed=19)
+    params = load_into(mlp, prior, point_near(prior, seed=20))
+    penalty = PriorPenalty(prior, scale=2.0, backend=backend)
+    with torch.no_grad():
+        quiet = penalty(params)
+    # float32 sums: the kernel's loops without the r / d store may add in another order
+    assert quiet.item() == pytest.approx(penalty(params).item(), rel=1e-6)
 
 
 # -- the proximal step ----------------------------------------------------------------------------
