@@ -17,7 +17,8 @@ from .exceptions import (  # noqa: E402
     TrainingDivergedError,
 )
 from .prior import Prior, PriorStructure  # noqa: E402
-from .penalty import PenaltyBackend, PriorPenalty  # noqa: E402
+from ._kernel import Backend  # noqa: E402
+from .penalty import PriorPenalty  # noqa: E402
 from .fitter import PriorFitter  # noqa: E402
 from .classifier import PriorRegularizedClassifier  # noqa: E402
 from .segmenter import PriorRegularizedSegmenter  # noqa: E402
@@ -36,7 +37,7 @@ __all__ = [
     "Prior",
     "PriorStructure",
     "PriorPenalty",
-    "PenaltyBackend",
+    "Backend",
     "PriorFitter",
     "PriorRegularizedClassifier",
     "PriorRegularizedSegmenter",

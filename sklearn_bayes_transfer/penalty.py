@@ -21,31 +21,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import nn
 
 from . import _kernel
+from ._kernel import Backend
 from .exceptions import ConfigError, PriorMismatchError
 from .prior import Prior, PriorStructure, named_parameters_for
 
-__all__ = ["PriorPenalty", "PenaltyBackend", "DEFAULT_CHUNK_SIZE"]
-
-
-class PenaltyBackend(str, Enum):
-    """Which implementation runs the two streamed passes.
-
-    - ``"auto"``: the compiled kernel where it applies (CPU, float32 weights, float32 or
-      bfloat16 factor) and can be built, else torch; ``SKLEARN_BAYES_TRANSFER_KERNEL=0`` in the
-      environment turns the kernel off;
-    - ``"compiled"``: the compiled kernel, and an error where it cannot be used;
-    - ``"torch"``: torch operations only (any device and dtype).
-    """
-
-    AUTO = "auto"
-    COMPILED = "compiled"
-    TORCH = "torch"
+__all__ = ["PriorPenalty", "DEFAULT_CHUNK_SIZE"]
 
 #: Elements per chunk on CPU: K x chunk of the factor (float32) stays within L2 for K <= 20.
 DEFAULT_CHUNK_SIZE = 131_072
@@ -205,7 +190,7 @@ class PriorPenalty:
         Elements per streamed chunk of the torch passes (default: 131072 on CPU, 4M on
         accelerators).
     backend : {"auto", "compiled", "torch"}, default="auto"
-        Implementation of the passes (see :class:`PenaltyBackend`). ``"auto"`` builds a small C
+        Implementation of the passes (see :class:`~sklearn_bayes_transfer.Backend`). ``"auto"`` builds a small C
         kernel with the system compiler on first use (cached under ``~/.cache``) and falls back to
         torch operations where it does not apply or cannot be built.
 
@@ -230,7 +215,7 @@ class PriorPenalty:
         structure: PriorStructure | str = PriorStructure.LOWRANK,
         factor_dtype: torch.dtype | None = None,
         chunk_size: int | None = None,
-        backend: PenaltyBackend | str = PenaltyBackend.AUTO,
+        backend: Backend | str = Backend.AUTO,
     ) -> None:
         if not isinstance(prior, Prior):
             raise ConfigError(f"prior must be a Prior, got {type(prior).__name__}; load files with Prior.load(path)")
@@ -249,11 +234,11 @@ class PriorPenalty:
         if structure is PriorStructure.NONE:
             raise ConfigError("prior_structure='none' has no penalty to compute; skip the PriorPenalty instead")
         try:
-            backend = PenaltyBackend(backend)
+            backend = Backend(backend)
         except ValueError:
             raise ConfigError(f"backend={backend!r} is not valid; expected 'auto', 'compiled' or 'torch'") from None
         self._kernel = None
-        if backend is PenaltyBackend.COMPILED:
+        if backend is Backend.COMPILED:
             try:
                 self._kernel = _kernel.load_kernel()
             except _kernel.KernelUnavailable as exc:
@@ -326,12 +311,12 @@ class PriorPenalty:
     # -- compiled kernel ------------------------------------------------------------------------
     def _kernel_for(self, pre: _Precomputed, params: Sequence[torch.Tensor]):
         """The kernel library when it runs these passes, else ``None`` (torch passes)."""
-        if self.backend is PenaltyBackend.TORCH:
+        if self.backend is Backend.TORCH:
             return None
         fits = (pre.device.type == "cpu" and pre.dtype == torch.float32
                 and pre.w_t.dtype in (torch.float32, torch.bfloat16)
                 and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params))
-        if self.backend is PenaltyBackend.COMPILED:
+        if self.backend is Backend.COMPILED:
             if not fits:
                 raise ConfigError("backend='compiled' needs float32 weights on the CPU and a float32 or bfloat16 "
                                   f"factor, got {params[0].dtype} weights on {params[0].device} and a "
@@ -363,10 +348,9 @@ class PriorPenalty:
         z = torch.empty(seg.count, k, dtype=torch.float64)
         diag = torch.empty(seg.count, dtype=torch.float64)
         fn = lib.bt_value_bf16 if pre.w_t.dtype == torch.bfloat16 else lib.bt_value_f32
-        _kernel.run_split(lambda a, b: fn(a, b, w_ptr.data_ptr(), None if out_ptr is None else out_ptr.data_ptr(),
-                                          seg.offset.data_ptr(), seg.length.data_ptr(), pre.mean.data_ptr(),
-                                          pre.inv_d.data_ptr(), pre.w_t.data_ptr(), self.prior.n_params, k,
-                                          z.data_ptr(), diag.data_ptr()), seg.ranges)
+        _kernel.run_segments(lib, fn, seg.ranges, w_ptr.data_ptr(), None if out_ptr is None else out_ptr.data_ptr(),
+                             seg.offset.data_ptr(), seg.length.data_ptr(), pre.mean.data_ptr(), pre.inv_d.data_ptr(),
+                             pre.w_t.data_ptr(), self.prior.n_params, k, z.data_ptr(), diag.data_ptr())
         return z, diag
 
     def _first_pass_kernel(self, lib, pre: _Precomputed, params: Sequence[torch.Tensor], with_grad: bool):
@@ -386,9 +370,8 @@ class PriorPenalty:
         go = float(grad_output)
         zg = (z.to(torch.float64) * go).to(torch.float32).contiguous()
         fn = lib.bt_grad_bf16 if pre.w_t.dtype == torch.bfloat16 else lib.bt_grad_f32
-        _kernel.run_split(lambda a, b: fn(a, b, g_ptr.data_ptr(), seg.offset.data_ptr(), seg.length.data_ptr(),
-                                          go, zg.data_ptr(), pre.w_t.data_ptr(), self.prior.n_params,
-                                          self.prior.rank), seg.ranges)
+        _kernel.run_segments(lib, fn, seg.ranges, g_ptr.data_ptr(), seg.offset.data_ptr(), seg.length.data_ptr(),
+                             go, zg.data_ptr(), pre.w_t.data_ptr(), self.prior.n_params, self.prior.rank)
         return buffers
 
     # -- streamed passes ------------------------------------------------------------------------

@@ -12,6 +12,7 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include "parallel.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -59,7 +60,7 @@ static float residuals(const float *w, const float *mean, const float *inv_d, fl
 
 static inline void fence(void) {
 #if defined(__AVX512F__)
-    _mm_sfence(); /* order the non-temporal stores before the caller joins the threads */
+    _mm_sfence(); /* order the non-temporal stores before the threads join */
 #endif
 }
 
@@ -67,11 +68,12 @@ static inline void fence(void) {
  *   r = w - mean,  out = r / d (skipped when out_ptr is NULL),
  *   diag[s] = sum r * r / d,  z[s, k] = sum W[k] * r.                                        */
 #define DEFINE_VALUE(NAME, T, LOAD)                                                               \
-void NAME(int64_t s0, int64_t s1, const int64_t *w_ptr, const int64_t *out_ptr, const int64_t *off, \
-          const int64_t *len, const float *mean, const float *inv_d, const T *W, int64_t D,       \
-          int64_t K, double *z, double *diag) {                                                   \
-    float r[BLOCK] __attribute__((aligned(64)));                                                  \
+void NAME(int64_t s0, int64_t s1, int64_t nthreads, const int64_t *w_ptr, const int64_t *out_ptr, \
+          const int64_t *off, const int64_t *len, const float *mean, const float *inv_d, const T *W, \
+          int64_t D, int64_t K, double *z, double *diag) {                                        \
+    PARALLEL_FOR(nthreads)                                                                        \
     for (int64_t s = s0; s < s1; ++s) {                                                           \
+        float r[BLOCK] __attribute__((aligned(64)));                                              \
         const float *w = (const float *)(intptr_t)w_ptr[s];                                       \
         float *out = out_ptr ? (float *)(intptr_t)out_ptr[s] : NULL;                              \
         double dsum = 0.0;                                                                        \
@@ -101,15 +103,16 @@ void NAME(int64_t s0, int64_t s1, const int64_t *w_ptr, const int64_t *out_ptr, 
             }                                                                                     \
         }                                                                                         \
         diag[s] = dsum;                                                                           \
+        fence();                                                                                  \
     }                                                                                             \
-    fence();                                                                                      \
 }
 
 /* gradient pass over segments [s0, s1), in place on the value pass's r / d:
  *   g = go * g - sum_k zg[k] W[k].                                                             */
 #define DEFINE_GRAD(NAME, T, LOAD)                                                                \
-void NAME(int64_t s0, int64_t s1, const int64_t *g_ptr, const int64_t *off, const int64_t *len,   \
-          float go, const float *zg, const T *W, int64_t D, int64_t K) {                          \
+void NAME(int64_t s0, int64_t s1, int64_t nthreads, const int64_t *g_ptr, const int64_t *off,    \
+          const int64_t *len, float go, const float *zg, const T *W, int64_t D, int64_t K) {      \
+    PARALLEL_FOR(nthreads)                                                                        \
     for (int64_t s = s0; s < s1; ++s) {                                                           \
         float *g = (float *)(intptr_t)g_ptr[s];                                                   \
         for (int64_t j0 = 0; j0 < len[s]; j0 += BLOCK) {                                          \
