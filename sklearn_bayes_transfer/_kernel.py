@@ -39,7 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
 
-__all__ = ["Backend", "KernelUnavailable", "load_kernel", "kernel_disabled", "run_segments", "run_split"]
+__all__ = ["Backend", "KernelUnavailable", "balanced_ranges", "load_kernel", "kernel_disabled", "run_segments",
+           "run_split"]
 
 _SOURCES = Path(__file__).with_name("_kernels")
 _BASE_FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=fast",
@@ -211,6 +212,23 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def balanced_ranges(sizes: list[int], n_threads: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of segments, one per thread, with about equal total ``sizes`` each.
+
+    Examples
+    --------
+    >>> balanced_ranges([4, 4, 4, 4], 2)
+    [(0, 2), (2, 4)]
+    """
+    bounds, total, acc = [0], sum(sizes), 0
+    for s, n in enumerate(sizes):
+        acc += n
+        if len(bounds) < n_threads and acc >= total * len(bounds) / n_threads and s + 1 < len(sizes):
+            bounds.append(s + 1)
+    bounds.append(len(sizes))
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] or [(0, 0)]
 
 
 def run_segments(lib: ctypes.CDLL, fn, ranges: list[tuple[int, int]], *args) -> None:

@@ -217,13 +217,7 @@ class _Plan:
         self.first = torch.tensor(first, dtype=torch.int64)
         self.end = torch.tensor(end, dtype=torch.int64)
         self.count = len(layer)
-        bounds, total, acc = [0], sum(sizes), 0
-        for s, n in enumerate(sizes):
-            acc += n
-            if len(bounds) < n_threads and acc >= total * len(bounds) / n_threads and s + 1 < len(sizes):
-                bounds.append(s + 1)
-        bounds.append(len(sizes))
-        self.ranges = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+        self.ranges = _kernel.balanced_ranges(sizes, n_threads)
 
 
 def _kernel_eligible(p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], d: int) -> bool:

@@ -71,14 +71,7 @@ class _Segments:
         self.offset = torch.tensor(offset, dtype=torch.int64)
         self.length = torch.tensor(length, dtype=torch.int64)
         self.count = len(param)
-        # Contiguous ranges of segments with about equal numbers of elements, one per thread.
-        bounds, total, acc = [0], sum(length), 0
-        for s, n in enumerate(length):
-            acc += n
-            if len(bounds) < n_threads and acc >= total * len(bounds) / n_threads and s + 1 < len(length):
-                bounds.append(s + 1)
-        bounds.append(len(length))
-        self.ranges = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] or [(0, 0)]
+        self.ranges = _kernel.balanced_ranges(length, n_threads)
 
     def pointers(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Address of each segment's first element in ``tensors`` (contiguous float32)."""
@@ -202,7 +195,7 @@ class PriorPenalty:
     >>> prior = Prior.from_module(layer, variance=0.5)
     >>> penalty = PriorPenalty(prior, scale=2.0)
     >>> params = penalty.bind(layer)
-    >>> float(penalty(params))  # at the prior mean
+    >>> penalty(params).item()  # at the prior mean
     0.0
     """
 

@@ -70,8 +70,12 @@ def value_and_grad(penalty: PriorPenalty, params: list[torch.Tensor],
 # -- numbers ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("rank", [0, 1, 4, 5, 9])
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "python-threads"])
 def test_kernel_matches_reference_across_segments_and_threads(kernel, random_prior, monkeypatch, threads,
-                                                              rank, n_threads):
+                                                              rank, n_threads, openmp):
+    if openmp and not kernel.openmp:
+        pytest.skip("the kernel was built without OpenMP here")
+    monkeypatch.setattr(kernel, "openmp", openmp)  # False: the segments go to Python threads
     monkeypatch.setattr(penalty_module, "_SEGMENT_SIZE", 1100)
     torch.set_num_threads(n_threads)
     prior = random_prior(BIG_SHAPES, rank=rank, seed=31)
@@ -200,7 +204,11 @@ def test_failing_compiler_is_reported_and_nothing_half_built(fresh_build, monkey
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_forked_child_runs_the_threaded_kernel(kernel, random_prior, monkeypatch, threads):
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "python-threads"])
+def test_forked_child_runs_the_threaded_kernel(kernel, random_prior, monkeypatch, threads, openmp):
+    if openmp and not kernel.openmp:
+        pytest.skip("the kernel was built without OpenMP here")
+    monkeypatch.setattr(kernel, "openmp", openmp)
     monkeypatch.setattr(penalty_module, "_SEGMENT_SIZE", 1100)
     torch.set_num_threads(2)
     prior = random_prior(BIG_SHAPES, rank=3, seed=35)
