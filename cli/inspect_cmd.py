@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,6 +36,17 @@ def prior_summary(prior: Prior, path: Path) -> dict[str, Any]:
     }
 
 
+def _finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None``: JSON has no Infinity or NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 @app.command("inspect")
 @handle_errors
 def inspect(
@@ -46,7 +58,8 @@ def inspect(
     prior = Prior.load(prior_path)
     info = prior_summary(prior, prior_path)
     if as_json:
-        typer.echo(json.dumps(info, indent=2, default=str))
+        # A prior whose variances are all 0 has lambda_0 = inf: printed as null, so the output parses.
+        typer.echo(json.dumps(_finite_or_none(info), indent=2, default=str, allow_nan=False))
         return
     var = info["variance"]
     table = Table(title=f"prior {prior_path}", show_header=False, title_justify="left")

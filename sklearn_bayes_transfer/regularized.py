@@ -279,8 +279,12 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
                 f"{worst!r} has {int(counts.min())}; train on all data (train_split=None, or no "
                 "--valid-fraction), add examples, or use a non-stratified split")
 
+    def _task_loss(self, y_pred, y_true, X=None, training=False):
+        """The criterion's loss (skorch's ``get_loss``); estimators adapt it to their targets."""
+        return super().get_loss(y_pred, y_true, X=X, training=training)
+
     def get_loss(self, y_pred, y_true, X=None, training=False):
-        task = super().get_loss(y_pred, y_true, X=X, training=training)
+        task = self._task_loss(y_pred, y_true, X=X, training=training)
         if not training:
             return task
         n = max(int(getattr(self, "n_train_", 1)), 1)

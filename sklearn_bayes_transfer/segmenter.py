@@ -494,6 +494,13 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
                               f"return (N, n_classes={n_classes}, H, W)")
         return super().get_loss(_resize_logits(y_pred, tuple(y_true.shape[-2:])), y_true, X=X, training=training)
 
+    def _task_loss(self, y_pred, y_true, X=None, training=False):
+        if not bool((y_true != IGNORE_TARGET).any()):
+            # A random crop can hold ignored pixels only: the batch has nothing to learn from. The
+            # criterion's mean over zero pixels would be 0/0 = NaN and stop training as diverged.
+            return y_pred.sum() * 0.0
+        return super()._task_loss(y_pred, y_true, X=X, training=training)
+
     def _get_predict_nonlinearity(self):
         if isinstance(self.predict_nonlinearity, str) and self.predict_nonlinearity == "auto":
             self.check_is_fitted()

@@ -88,6 +88,21 @@ def test_inspect_json_bfloat16(clamped_prior, tmp_path):
     assert info["factor_dtype"] == "bfloat16"
 
 
+def test_inspect_json_is_strict_json_for_a_zero_variance_prior(tmp_path, random_prior):
+    base = random_prior(rank=2, seed=3)
+    prior = Prior(base.mean, torch.zeros(base.n_params), base.factor, names=base.names, shapes=base.shapes,
+                  meta=base.meta)
+    path = prior.save(tmp_path / "zero.pt")
+    result = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} is not JSON")
+
+    info = json.loads(result.stdout, parse_constant=refuse)
+    assert info["reference_scale"] is None and info["variance"]["max"] == 0.0
+
+
 def test_inspect_table(clamped_prior):
     prior, path = clamped_prior
     result = runner.invoke(app, ["inspect", str(path)])

@@ -280,6 +280,20 @@ def test_augment_pads_with_ignored_pixels_and_only_in_training():
     assert seg.predict(X).shape == (4, 12, 12)
 
 
+def test_crops_of_ignored_pixels_only_do_not_stop_training():
+    # Rectangles on an ignored background: many 4 x 4 crops see ignored pixels only.
+    X, masks = make_squares(n=4)
+    masks[masks == 0] = 255
+    crop = JointTransform(crop_size=4, hflip=False, generator=torch.Generator().manual_seed(0))
+    seg = fitted(X, masks, augment=crop, max_epochs=6, batch_size=2, classes=[3, 7])
+    task = [b["task_loss"] for epoch in seg.history for b in epoch["batches"]]
+    assert 0.0 in task and all(np.isfinite(task))
+    logits = torch.randn(2, 2, 3, 3, requires_grad=True)
+    loss = seg.get_loss(logits, torch.full((2, 3, 3), IGNORE_TARGET), training=True)
+    loss.backward()
+    assert torch.isfinite(loss) and float(logits.grad.abs().max()) == 0.0
+
+
 def test_user_module_with_low_resolution_logits():
     class Coarse(nn.Module):
         def __init__(self):
