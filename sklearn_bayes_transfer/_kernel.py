@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -51,6 +52,7 @@ _BASE_FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=fast",
 _NATIVE = ["-march=native", "-mprefer-vector-width=512"]
 _FLAG_SETS = tuple(_BASE_FLAGS + extra for extra in (
     ["-fopenmp", *_NATIVE], ["-fopenmp", "-march=native"], _NATIVE, ["-march=native"], ["-fopenmp"], []))
+_log = logging.getLogger(__name__)
 _ENV_SWITCH = "SKLEARN_BAYES_TRANSFER_KERNEL"
 _ENV_CACHE = "SKLEARN_BAYES_TRANSFER_CACHE"
 
@@ -172,6 +174,8 @@ def _load(name: str = "streaming") -> ctypes.CDLL | KernelUnavailable:
             try:
                 target = _library_path(compiler, flags, source)
                 if not target.exists():
+                    _log.info("building %s with %s (once per machine and version; cached in %s)",
+                              source.name, compiler, target.parent)
                     try:
                         _build(compiler, flags, source, target)
                     except PermissionError:
@@ -192,7 +196,8 @@ def load_kernel(name: str = "streaming") -> ctypes.CDLL:
     """
     lib = _load(name)
     if isinstance(lib, KernelUnavailable):
-        raise lib
+        # A fresh exception each time: re-raising the cached one would grow its traceback forever.
+        raise KernelUnavailable(str(lib))
     return lib
 
 

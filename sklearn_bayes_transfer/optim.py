@@ -347,7 +347,7 @@ class FOP(torch.optim.Optimizer):
         items = []
         flags: list[torch.Tensor | None] = []
         fast: list[int] = []  # indices of items whose steps the compiled kernel computes
-        lib = self._kernel_library()
+        lib: Any = None  # loaded (and, once per machine, built) only when a parameter qualifies
         for group_index, group in enumerate(self.param_groups):
             _validate(group)  # param_groups are public: skorch's set_params writes into them
             lr = float(group["lr"])
@@ -364,7 +364,7 @@ class FOP(torch.optim.Optimizer):
                 d = _precond_dim(p, group["max_precond_dim"])
                 m_new = None
                 name = names[index] if names else f"param_groups[{group_index}]['params'][{index}]"
-                if lib is not None and d and _kernel_eligible(p, g, state, d):
+                if d and _kernel_eligible(p, g, state, d) and (lib := lib or self._kernel_library()):
                     fast.append(len(items))
                     flags.append(None)  # filled in by the batched hyper step below
                     items.append((p, g, d, None, group, name))
