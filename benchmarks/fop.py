@@ -1,13 +1,14 @@
 """FOP against SGD and Adam: per-step time overhead on ResNet-18 and few-shot fine-tuning on digits.
 
 Run:  python benchmarks/fop.py [--threads 2] [--repeats 15] [--classes 10 1000] [--seeds 0 1 2]
-      [--skip-overhead] [--skip-finetune]
+      [--backend auto|torch] [--skip-overhead] [--skip-finetune]
 
 1. Overhead.  A torchvision ResNet-18 (random init, ``--classes`` outputs) on a batch of 32
    random 3x64x64 images.  Two copies of the model, one driven by SGD (momentum 0.9), one by
    FOP (momentum 0.9), take a full training step (forward, backward, ``optimizer.step()``) in
    turn, alternating which goes first; the table gives the medians of the whole step and of
    ``optimizer.step()`` alone, and FOP's overhead on the whole step (the target is <= 10%).
+   ``--backend torch`` times FOP without its compiled CPU kernel (the header says which ran).
 2. Fine-tuning.  A small CNN (about 45k parameters) is pre-trained with SGD on sklearn's digits
    0-4, then fine-tuned, whole network plus a new head, on ``--shots`` labelled images per class
    of digits 5-9 and tested on all the other images of 5-9.  Per seed (the seed draws the
@@ -31,6 +32,7 @@ from sklearn.datasets import load_digits
 from skorch import NeuralNetClassifier
 from torch import nn
 
+from sklearn_bayes_transfer._kernel import KernelUnavailable, load_kernel
 from sklearn_bayes_transfer.optim import FOP
 
 SGD_GRID = [0.01, 0.03, 0.1]
@@ -38,7 +40,7 @@ ADAM_GRID = [1e-3, 3e-3, 1e-2]
 FOP_GRID = [(0.01, 1e-1), (0.03, 1e-1), (0.1, 1e-1), (0.03, 1e-3), (0.03, 10.0)]
 
 
-def overhead(classes: int, repeats: int) -> dict[str, float]:
+def overhead(classes: int, repeats: int, backend: str = "auto") -> dict[str, float]:
     torch.manual_seed(0)
     base = torchvision.models.resnet18(num_classes=classes)
     x = torch.randn(32, 3, 64, 64)
@@ -46,7 +48,7 @@ def overhead(classes: int, repeats: int) -> dict[str, float]:
     models = {"sgd": base, "fop": copy.deepcopy(base)}
     optimizers = {
         "sgd": torch.optim.SGD(models["sgd"].parameters(), lr=0.01, momentum=0.9),
-        "fop": FOP(models["fop"].parameters(), lr=0.01, momentum=0.9, precond_lr=1e-3),
+        "fop": FOP(models["fop"].parameters(), lr=0.01, momentum=0.9, precond_lr=1e-3, backend=backend),
     }
     total: dict[str, list[float]] = {"sgd": [], "fop": []}
     step: dict[str, list[float]] = {"sgd": [], "fop": []}
@@ -132,18 +134,24 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shots", type=int, default=5, help="labelled images per class")
     parser.add_argument("--epochs", type=int, default=40, help="fine-tuning epochs (full batch)")
+    parser.add_argument("--backend", choices=["auto", "torch"], default="auto",
+                        help="FOP's backend for the overhead table (auto: the compiled kernel if it builds)")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-finetune", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     if not args.skip_overhead:
+        try:
+            ran = "compiled kernel" if args.backend == "auto" and load_kernel("fop") else "torch operations"
+        except KernelUnavailable as exc:
+            ran = f"torch operations (no kernel: {exc})"
         print(f"ResNet-18, batch 32 x 3x64x64, {args.threads} threads, medians of "
-              f"{args.repeats} steps (ms)")
+              f"{args.repeats} steps (ms); FOP runs on {ran}")
         print(f"{'classes':>8} {'SGD step':>9} {'FOP step':>9} {'SGD opt.step':>13} "
               f"{'FOP opt.step':>13} {'overhead':>9}")
         for classes in args.classes:
-            r = overhead(classes, args.repeats)
+            r = overhead(classes, args.repeats, args.backend)
             print(f"{classes:>8} {r['sgd_total_ms']:>9.1f} {r['fop_total_ms']:>9.1f} "
                   f"{r['sgd_step_ms']:>13.1f} {r['fop_step_ms']:>13.1f} "
                   f"{r['overhead_pct']:>8.1f}%")
