@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from sklearn_bayes_transfer import Prior
+from sklearn_bayes_transfer import Prior, _kernel
 
 __all__ = ["MLP_SHAPES", "OfficialFiles", "TinyResNet", "make_mlp", "make_random_prior"]
 
@@ -33,6 +33,24 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+@pytest.fixture(scope="session")
+def portable_kernel_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("portable-kernels")
+
+
+@pytest.fixture(params=["native", "portable"])
+def kernel_build(request, monkeypatch, portable_kernel_cache) -> str:
+    """Both builds of the compiled kernels: for this CPU (AVX-512 here) and without -march, which
+    takes the code paths of CPUs without AVX-512 (vector extensions lowered to SSE, no streaming
+    stores). The portable libraries are built once per session in their own cache directory."""
+    if request.param == "portable":
+        monkeypatch.setattr(_kernel, "_FLAG_SETS", (_kernel._BASE_FLAGS + ["-fopenmp"], _kernel._BASE_FLAGS))
+        monkeypatch.setenv("SKLEARN_BAYES_TRANSFER_CACHE", str(portable_kernel_cache))
+    _kernel._load.cache_clear()
+    yield request.param
+    _kernel._load.cache_clear()
+
 
 #: Shapes of ``make_mlp()``'s parameters: Linear(3, 4), Linear(4, 5), Linear(5, 2).
 MLP_SHAPES = ((4, 3), (4,), (5, 4), (5,), (2, 5), (2,))

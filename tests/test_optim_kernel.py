@@ -19,7 +19,7 @@ from sklearn_bayes_transfer.optim import FOP
 
 
 @pytest.fixture
-def kernel():
+def kernel(kernel_build):
     try:
         return _kernel.load_kernel("fop")
     except _kernel.KernelUnavailable as exc:

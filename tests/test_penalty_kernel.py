@@ -25,9 +25,9 @@ BIG_SHAPES = ((40, 30), (700,), (3, 5, 7, 11), (1,), (6,))
 
 
 @pytest.fixture
-def kernel():
+def kernel(kernel_build):
     try:
-        return _kernel.load_kernel()
+        return _kernel.load_kernel("streaming")
     except _kernel.KernelUnavailable as exc:
         pytest.skip(f"the compiled kernel cannot be built here: {exc}")
 
