@@ -178,7 +178,8 @@ def _load(name: str = "streaming") -> ctypes.CDLL | KernelUnavailable:
                               source.name, compiler, target.parent)
                     try:
                         _build(compiler, flags, source, target)
-                    except PermissionError:
+                    except OSError as exc:  # cache directory not writable: build for this process only
+                        _log.info("cannot write to %s (%s); building in a temporary directory", target.parent, exc)
                         target = Path(tempfile.mkdtemp(prefix="bt-kernel-")) / target.name
                         _build(compiler, flags, source, target)
                 return _declare(ctypes.CDLL(str(target)), name)

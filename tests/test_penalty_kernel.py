@@ -183,6 +183,25 @@ def test_build_is_cached_and_leaves_no_temporary_files(fresh_build):
     assert (fresh_build / built[0]).stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
+def test_unwritable_cache_directory_builds_in_a_temporary_one(monkeypatch, tmp_path, random_prior, mlp):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("SKLEARN_BAYES_TRANSFER_CACHE", str(blocker / "cache"))
+    _kernel._load.cache_clear()
+    try:
+        try:
+            lib = _kernel.load_kernel()
+        except _kernel.KernelUnavailable as exc:
+            if "no C compiler" in str(exc):
+                pytest.skip(str(exc))
+            raise
+        assert "bt-kernel-" in lib._name and blocker.read_text() == "not a directory"
+        penalty = PriorPenalty(random_prior(), backend="compiled")
+        assert math.isfinite(penalty(penalty.bind(mlp)).item())
+    finally:
+        _kernel._load.cache_clear()
+
+
 def test_without_a_compiler_auto_falls_back_and_compiled_says_why(fresh_build, monkeypatch, tmp_path,
                                                                   random_prior, mlp):
     monkeypatch.delenv("CC", raising=False)
