@@ -143,10 +143,12 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # Every loop function starts with (first segment, end segment, threads).
 _SIGNATURES: dict[str, dict[str, list]] = {
     "streaming": {
-        "bt_value_f32": [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P],
-        "bt_value_bf16": [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P],
+        "bt_value_f32": [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P],
+        "bt_value_bf16": [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P],
         "bt_grad_f32": [_I, _I, _I, _P, _P, _P, _F, _P, _P, _I, _I],
         "bt_grad_bf16": [_I, _I, _I, _P, _P, _P, _F, _P, _P, _I, _I],
+        "bt_prox_f32": [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P],
+        "bt_prox_bf16": [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _P],
     },
     "fop": {
         "bt_fop_gram": [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P],

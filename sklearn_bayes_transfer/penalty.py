@@ -330,9 +330,10 @@ class PriorPenalty:
         return self._segment_tables[n_threads]
 
     def _value_kernel(self, lib, pre: _Precomputed, params: Sequence[torch.Tensor],
-                      out: Sequence[torch.Tensor] | None):
-        """Kernel value pass: per-segment ``W^T r`` (float64, segments x K) and ``r . r/d``; ``r / d``
-        goes into the float32 tensors ``out`` (one per parameter) unless ``out`` is ``None``."""
+                      out: Sequence[torch.Tensor] | None, scale: torch.Tensor | None = None, dot_q: bool = False):
+        """Kernel value pass: per-segment ``W^T r`` (float64, segments x K) and ``r . q`` with
+        ``q = r * scale`` (``scale`` defaults to ``1/d``); ``q`` goes into the float32 tensors ``out``
+        (one per parameter) unless ``out`` is ``None``. With ``dot_q`` the sums are ``W^T q``."""
         seg = self._segments(params)
         weights = [p.detach().contiguous() for p in params]  # a no-op for the usual contiguous weights
         w_ptr = seg.pointers(weights)
@@ -342,8 +343,9 @@ class PriorPenalty:
         diag = torch.empty(seg.count, dtype=torch.float64)
         fn = lib.bt_value_bf16 if pre.w_t.dtype == torch.bfloat16 else lib.bt_value_f32
         _kernel.run_segments(lib, fn, seg.ranges, w_ptr.data_ptr(), None if out_ptr is None else out_ptr.data_ptr(),
-                             seg.offset.data_ptr(), seg.length.data_ptr(), pre.mean.data_ptr(), pre.inv_d.data_ptr(),
-                             pre.w_t.data_ptr(), self.prior.n_params, k, z.data_ptr(), diag.data_ptr())
+                             seg.offset.data_ptr(), seg.length.data_ptr(), pre.mean.data_ptr(),
+                             (pre.inv_d if scale is None else scale).data_ptr(), pre.w_t.data_ptr(),
+                             self.prior.n_params, k, int(dot_q), z.data_ptr(), diag.data_ptr())
         return z, diag
 
     def _first_pass_kernel(self, lib, pre: _Precomputed, params: Sequence[torch.Tensor], with_grad: bool):
@@ -507,6 +509,9 @@ class PriorPenalty:
         pre = self._precomputed(params)
         plan = self._plan(params)
         shrink, b_inv, chol, gram = self._prox_terms(pre, params, step)
+        lib = self._kernel_for(pre, params)
+        if lib is not None:
+            return self._prox_kernel(lib, pre, params, shrink, b_inv, chol, gram)
         k, dtype, device = self.prior.rank, pre.dtype, pre.device
         size = max(c.stop - c.start for c in plan)
         scratch_w = torch.empty(size, dtype=dtype, device=device)
@@ -540,8 +545,36 @@ class PriorPenalty:
                 m = piece.stop - piece.start
                 flat[piece.param][piece.start:piece.stop].copy_(new[pos:pos + m])
                 pos += m
+        for p, f in zip(params, flat):
+            if not p.is_contiguous():  # reshape(-1) copied it (channels_last): write the result back
+                p.detach().copy_(f.view(p.shape))
         z = t + gram @ c if k else t  # W^T (v - m), from K x K algebra instead of a third pass
         return float(0.5 * (diag.sum().to(torch.float64) - z.dot(z)))
+
+    def _prox_kernel(self, lib, pre: _Precomputed, params: Sequence[torch.Tensor], shrink: torch.Tensor,
+                     b_inv: torch.Tensor, chol: torch.Tensor, gram: torch.Tensor) -> float:
+        """:meth:`prox_` with the compiled passes: ``u = r * shrink`` and ``t = W^T u``, then
+        ``v = u + b_inv * (W c)`` written into the weights and ``v . v / d`` for the value."""
+        k = self.prior.rank
+        u = [torch.empty(p.shape, dtype=torch.float32) for p in params]
+        ts, _ = self._value_kernel(lib, pre, params, u, scale=shrink, dot_q=True)
+        t = ts.sum(0)
+        c = torch.cholesky_solve(t.unsqueeze(1), chol).squeeze(1) if k else t
+        c32 = c.to(torch.float32).contiguous()
+        # The new weights go straight into contiguous parameters, through a buffer for others.
+        targets = [p.detach() if p.is_contiguous() else torch.empty(p.shape, dtype=torch.float32) for p in params]
+        seg = self._segments(params)
+        u_ptr, w_ptr = seg.pointers(u), seg.pointers(targets)
+        diag = torch.empty(seg.count, dtype=torch.float64)
+        fn = lib.bt_prox_bf16 if pre.w_t.dtype == torch.bfloat16 else lib.bt_prox_f32
+        _kernel.run_segments(lib, fn, seg.ranges, u_ptr.data_ptr(), w_ptr.data_ptr(), seg.offset.data_ptr(),
+                             seg.length.data_ptr(), c32.data_ptr(), b_inv.data_ptr(), pre.inv_d.data_ptr(),
+                             pre.mean.data_ptr(), pre.w_t.data_ptr(), self.prior.n_params, k, diag.data_ptr())
+        for p, target in zip(params, targets):
+            if not p.is_contiguous():
+                p.detach().copy_(target)
+        z = t + gram @ c if k else t  # W^T (v - m), from K x K algebra instead of a third pass
+        return float(0.5 * (diag.sum() - z.dot(z)))
 
     def _prox_terms(self, pre: _Precomputed, params: Sequence[torch.Tensor], step: float | Sequence[float]):
         if isinstance(step, torch.Tensor) and step.dim() == 0:

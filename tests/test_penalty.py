@@ -316,13 +316,13 @@ def half_maha(dist: LowRankMultivariateNormal, v: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("structure", STRUCTURES)
 @pytest.mark.parametrize("step", [0.0, 1e-3, 1.0, 1e3, 1e12, 1e30])
-def test_prox_matches_dense_solution(random_prior, mlp, structure, step):
+def test_prox_matches_dense_solution(random_prior, mlp, structure, step, backend):
     prior = random_prior(ODD_SHAPES, rank=3, seed=17)
     w = point_near(prior, seed=18)
     params = load_into(mlp, prior, w)
     scale, eps = 1e3, 1e-6
     dist = reference(prior, structure, scale, eps)
-    penalty = PriorPenalty(prior, scale=scale, eps=eps, structure=structure, chunk_size=7)
+    penalty = PriorPenalty(prior, scale=scale, eps=eps, structure=structure, chunk_size=7, backend=backend)
     expected = dense_prox(dist, w, torch.full((prior.n_params,), step))
 
     value = penalty.prox_(params, step)
@@ -341,25 +341,25 @@ def test_prox_matches_dense_solution(random_prior, mlp, structure, step):
         torch.testing.assert_close(v, m, rtol=0, atol=1e-6)
 
 
-def test_prox_per_parameter_steps(random_prior, mlp):
+def test_prox_per_parameter_steps(random_prior, mlp, backend):
     prior = random_prior(ODD_SHAPES, rank=3, seed=19)
     w = point_near(prior, seed=20)
     params = load_into(mlp, prior, w)
     steps = [0.5, 0.0, 2.0, 1e3, 0.1, 7.0]
     per_element = torch.cat([torch.full((math.prod(s),), v) for s, v in zip(prior.shapes, steps)])
     dist = reference(prior, "lowrank", 10.0, 0.0)
-    PriorPenalty(prior, scale=10.0, chunk_size=7).prox_(params, steps)
+    PriorPenalty(prior, scale=10.0, chunk_size=7, backend=backend).prox_(params, steps)
     v = torch.cat([p.detach().reshape(-1) for p in params]).double()
     torch.testing.assert_close(v, dense_prox(dist, w, per_element), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(params[1].detach(), w[12:16])  # step 0 leaves a tensor alone
 
 
-def test_prox_repeated_calls_and_then_gradient(random_prior, mlp):
+def test_prox_repeated_calls_and_then_gradient(random_prior, mlp, backend):
     # prox_ reuses cached K x K terms for the same steps and shares buffers with the gradient pass.
     prior = random_prior(ODD_SHAPES, rank=3, seed=24)
     w = point_near(prior, seed=25)
     params = load_into(mlp, prior, w)
-    penalty = PriorPenalty(prior, scale=4.0, chunk_size=7)
+    penalty = PriorPenalty(prior, scale=4.0, chunk_size=7, backend=backend)
     dist = reference(prior, "lowrank", 4.0, 0.0)
     expected = w.double()
     for _ in range(3):
@@ -372,7 +372,7 @@ def test_prox_repeated_calls_and_then_gradient(random_prior, mlp):
     assert_grad_close(flat_grad(params), ref_penalty_and_grad(dist, v)[1], rtol=1e-4)
 
 
-def test_prox_stiff_lowrank_prior(random_prior):
+def test_prox_stiff_lowrank_prior(random_prior, backend):
     # A factor far larger than the diagonal (as in real SWAG priors): steps >> d make the K x K
     # system of the Woodbury prox nearly singular unless it is formed without cancellation.
     shapes = ((10, 40), (10,))
@@ -384,7 +384,7 @@ def test_prox_stiff_lowrank_prior(random_prior):
         with torch.no_grad():
             for p, view in zip(params, prior.split(w).values()):
                 p.copy_(view)
-        PriorPenalty(prior, scale=scale).prox_(params, step)
+        PriorPenalty(prior, scale=scale, backend=backend).prox_(params, step)
         v = torch.cat([p.detach().reshape(-1) for p in params]).double()
         dist = reference(prior, "lowrank", scale, 0.0)
         expected = dense_prox(dist, w, torch.full((prior.n_params,), step))

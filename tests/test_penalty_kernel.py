@@ -116,6 +116,45 @@ def test_kernel_reads_non_contiguous_weights(kernel, random_prior):
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_kernel_prox_equals_torch_prox(kernel, random_prior, monkeypatch, threads, factor_dtype, n_threads):
+    monkeypatch.setattr(penalty_module, "_SEGMENT_SIZE", 1100)
+    torch.set_num_threads(n_threads)
+    prior = random_prior(BIG_SHAPES, rank=5, seed=37)
+    w = point_near(prior, seed=38)
+    steps = [0.5, 2.0, 0.0, 1e3, 0.1]
+    results = []
+    for backend in ("compiled", "torch"):
+        params = params_for(BIG_SHAPES, prior, w)
+        penalty = PriorPenalty(prior, scale=3.0, eps=1e-6, factor_dtype=factor_dtype, backend=backend)
+        value = penalty.prox_(params, steps)
+        results.append((value, torch.cat([p.detach().reshape(-1) for p in params])))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+    moved = (results[0][1] - w).abs()
+    assert float(moved[:1200].max()) > 1e-3 and float(moved[1900:3055].max()) == 0.0  # step 0: untouched
+
+
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+def test_prox_writes_non_contiguous_weights(kernel, backend):
+    # channels_last weights: the step must land in the parameter, as for contiguous ones.
+    base = Prior.from_module(nn.Conv2d(3, 4, 3), variance=0.05)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(3)
+        conv = nn.Conv2d(3, 4, 3).to(memory_format=layout)
+        before = conv.weight.detach().clone()
+        params = list(conv.parameters())
+        value = PriorPenalty(base, scale=2.0, backend=backend).prox_(params, 0.7)
+        assert params[0].is_contiguous() == (layout is torch.contiguous_format)
+        assert float((conv.weight.detach() - before).abs().max()) > 1e-3
+        results.append((value, [p.detach().clone() for p in params]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("n_threads", [1, 2, 3, 8])
 def test_segment_ranges_cover_everything_once(n_threads):
     sizes = [5, 200_000, 3, 70_000, 1]
