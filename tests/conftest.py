@@ -52,6 +52,27 @@ def kernel_build(request, monkeypatch, portable_kernel_cache) -> str:
     _kernel._load.cache_clear()
 
 
+@pytest.fixture
+def compiled(kernel_build) -> Callable[[str], Any]:
+    """``compiled(name)``: the kernel library of that build, or a skip where no compiler builds it."""
+
+    def load(name: str):
+        try:
+            return _kernel.load_kernel(name)
+        except _kernel.KernelUnavailable as exc:
+            pytest.skip(f"the compiled kernel cannot be built here: {exc}")
+
+    return load
+
+
+@pytest.fixture
+def threads():
+    """Restore the session's torch thread count after a test changes it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 #: Shapes of ``make_mlp()``'s parameters: Linear(3, 4), Linear(4, 5), Linear(5, 2).
 MLP_SHAPES = ((4, 3), (4,), (5, 4), (5,), (2, 5), (2,))
 MLP_NAMES = ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias")

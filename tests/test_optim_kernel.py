@@ -19,18 +19,9 @@ from sklearn_bayes_transfer.optim import FOP
 
 
 @pytest.fixture
-def kernel(kernel_build):
-    try:
-        return _kernel.load_kernel("fop")
-    except _kernel.KernelUnavailable as exc:
-        pytest.skip(f"the compiled kernel cannot be built here: {exc}")
+def kernel(compiled):
+    return compiled("fop")
 
-
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 class Zoo(nn.Module):

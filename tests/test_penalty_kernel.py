@@ -25,11 +25,8 @@ BIG_SHAPES = ((40, 30), (700,), (3, 5, 7, 11), (1,), (6,))
 
 
 @pytest.fixture
-def kernel(kernel_build):
-    try:
-        return _kernel.load_kernel("streaming")
-    except _kernel.KernelUnavailable as exc:
-        pytest.skip(f"the compiled kernel cannot be built here: {exc}")
+def kernel(compiled):
+    return compiled("streaming")
 
 
 @pytest.fixture
@@ -40,13 +37,6 @@ def fresh_build(monkeypatch, tmp_path):
     yield tmp_path / "cache"
     _kernel._load.cache_clear()
 
-
-@pytest.fixture
-def threads():
-    """Restore the session's torch thread count after a test changes it."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def params_for(shapes, prior, w) -> list[torch.Tensor]:
