@@ -5,7 +5,10 @@
 - ``mlp``: a tiny ``nn.Sequential`` whose parameter shapes are :data:`MLP_SHAPES`;
 - ``official_prior``: writes the four files of the paper repository's format
   (``<prefix>_model.pt``, ``_mean.pt``, ``_variance.pt``, ``_covmat.pt``) for a small ResNet-like
-  module, from simulated SWAG snapshots, and returns the prefix with the raw ingredients.
+  module, from simulated SWAG snapshots, and returns the prefix with the raw ingredients;
+- ``kernel_build`` / ``compiled(name)``: the compiled CPU kernels, built for this CPU and
+  portably (no ``-march``), or a skip where no C compiler is found; ``threads`` restores torch's
+  thread count after a test changes it.
 """
 
 from __future__ import annotations
