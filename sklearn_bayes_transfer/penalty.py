@@ -27,6 +27,7 @@ from torch import nn
 
 from . import _kernel
 from ._kernel import Backend
+from ._validation import check_choice
 from .exceptions import ConfigError, PriorMismatchError
 from .prior import Prior, PriorStructure, named_parameters_for
 
@@ -226,10 +227,7 @@ class PriorPenalty:
                               "'isotropic' ('none' means no penalty at all)") from None
         if structure is PriorStructure.NONE:
             raise ConfigError("prior_structure='none' has no penalty to compute; skip the PriorPenalty instead")
-        try:
-            backend = Backend(backend)
-        except ValueError:
-            raise ConfigError(f"backend={backend!r} is not valid; expected 'auto', 'compiled' or 'torch'") from None
+        backend = check_choice(Backend, backend, "backend")
         self._kernel = None
         if backend is Backend.COMPILED:
             try:
@@ -507,11 +505,11 @@ class PriorPenalty:
         """
         self._check(params)
         pre = self._precomputed(params)
-        plan = self._plan(params)
         shrink, b_inv, chol, gram = self._prox_terms(pre, params, step)
         lib = self._kernel_for(pre, params)
         if lib is not None:
             return self._prox_kernel(lib, pre, params, shrink, b_inv, chol, gram)
+        plan = self._plan(params)
         k, dtype, device = self.prior.rank, pre.dtype, pre.device
         size = max(c.stop - c.start for c in plan)
         scratch_w = torch.empty(size, dtype=dtype, device=device)

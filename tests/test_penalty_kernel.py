@@ -196,7 +196,7 @@ def test_compiled_backend_refuses_what_it_cannot_run(kernel, random_prior):
 
 
 def test_unknown_backend_lists_choices(random_prior):
-    with pytest.raises(ConfigError, match=r"backend='gpu' is not valid; expected 'auto', 'compiled' or 'torch'"):
+    with pytest.raises(ConfigError, match=r"backend='gpu' is not valid; expected one of 'auto', 'compiled', 'torch'"):
         PriorPenalty(random_prior(), backend="gpu")
 
 
