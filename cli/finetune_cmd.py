@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import torch
 import typer
-from skorch.callbacks import Callback, EpochScoring, ProgressBar
+from skorch.callbacks import Callback, EarlyStopping, EpochScoring, ProgressBar
 from skorch.dataset import ValidSplit, unpack_data
 
 from sklearn_bayes_transfer.bayes import Inference
@@ -19,12 +19,28 @@ from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier, index_
 from sklearn_bayes_transfer.data import load_image_folder, load_segmentation_folder
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.modelfile import save_model
-from sklearn_bayes_transfer.optim import OptimizerName, optimizer_arguments
 from sklearn_bayes_transfer.prior import Prior, PriorStructure
 from sklearn_bayes_transfer.segmenter import IGNORE_TARGET, PriorRegularizedSegmenter, SegmentationHead
 
 from ._app import app, check_output, console, handle_errors, resolve_device
-from .fit_prior_cmd import parse_image_size
+from ._options import (
+    RECIPE_DEFAULTS,
+    AugmentOption,
+    BatchNormOption,
+    BatchSizeOption,
+    LrOption,
+    LrScheduleOption,
+    MaxEpochsOption,
+    MinStepsOption,
+    MomentumOption,
+    OptimizerOption,
+    WarmupOption,
+    check_number,
+    load_geometry,
+    parse_image_size,
+    parse_prior_scale,
+    recipe_arguments,
+)
 
 __all__ = ["Task", "finetune"]
 
@@ -45,42 +61,15 @@ class Task(str, Enum):
     SEGMENTATION = "segmentation"
 
 
-def _check_number(value: float, option: str, *, low: float, high: float = math.inf, low_open: bool = False,
-                  high_open: bool = False) -> None:
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (math.isfinite(value) and above and below):
-        bounds = f"{'>' if low_open else '>='} {low:g}"
-        if math.isfinite(high):
-            bounds += f" and {'<' if high_open else '<='} {high:g}"
-        raise ConfigError(f"{option} must be a finite number {bounds}, got {value:g}")
-
-
-def _check_options(prior_scale: float, prior_eps: float, head_weight_decay: float, lr: float, momentum: float,
-                   valid_fraction: float) -> None:
-    """Refuse bad numbers by their option names, before anything is loaded."""
-    _check_number(prior_scale, "--prior-scale", low=0.0, low_open=True)
-    _check_number(prior_eps, "--prior-eps", low=0.0)
-    _check_number(head_weight_decay, "--head-weight-decay", low=0.0)
-    _check_number(lr, "--lr", low=0.0, low_open=True)
-    _check_number(momentum, "--momentum", low=0.0, high=1.0, high_open=True)
-    _check_number(valid_fraction, "--valid-fraction", low=0.0, high=1.0, high_open=True)
-
-
-def _preprocessing(prior: Prior, size: int | tuple[int, int] | None) -> tuple[Any, int | tuple[int, int] | None,
-                                                                             int | None]:
-    """``(estimator preprocess, size to load images at, channels to load them with)``.
-
-    Images are loaded at ``--image-size`` when given, else at the prior's recorded size, so that
-    folders of mixed sizes work whenever the prior says what its backbone saw.
-    """
-    recorded = prior.meta.get("preprocess") or None
-    if recorded is None:
-        return "auto", size, None
-    if size is None:
-        return "auto", recorded.get("image_size"), recorded.get("channels")
-    pair = [size, size] if isinstance(size, int) else list(size)
-    return {**recorded, "image_size": pair}, size, recorded.get("channels")
+def _check_options(prior_eps: float, head_weight_decay: float, valid_fraction: float,
+                   early_stopping: int | None) -> None:
+    """Refuse bad numbers and combinations by their option names, before anything is loaded."""
+    check_number(prior_eps, "--prior-eps", low=0.0)
+    check_number(head_weight_decay, "--head-weight-decay", low=0.0)
+    check_number(valid_fraction, "--valid-fraction", low=0.0, high=1.0, high_open=True)
+    if early_stopping is not None and valid_fraction == 0:
+        raise ConfigError("--early-stopping watches the validation loss: hold out images with --valid-fraction "
+                          "(e.g. 0.2)")
 
 
 def _check_task_options(task: Task, masks: Path | None, ignore_index: int | None,
@@ -174,17 +163,19 @@ class _EpochMeanIoU(Callback):
         net.history.record(f"{'train' if self.on_train else 'valid'}_miou", value)
 
 
-def _shared_kwargs(*, preprocess: Any, split: ValidSplit | None, optimizer: OptimizerName, momentum: float,
-                   quiet: bool, scores: list[tuple[str, Any]], **params: Any) -> dict[str, Any]:
-    """Keyword arguments both estimators take: preprocessing, split, optimizer, logging, hyperparameters.
+def _shared_kwargs(*, preprocess: Any, split: ValidSplit | None, quiet: bool, early_stopping: int | None,
+                   scores: list[tuple[str, Any]], **params: Any) -> dict[str, Any]:
+    """Keyword arguments both estimators take: preprocessing, split, logging, hyperparameters.
 
     ``scores`` are the task's per-epoch metric callbacks.
     """
     callbacks = list(scores)
+    if early_stopping is not None:
+        callbacks.append(("early_stopping", EarlyStopping(patience=early_stopping, load_best=True)))
     if not quiet:
         callbacks.append(("progress", ProgressBar(postfix_keys=["train_loss"])))
-    return {"preprocess": preprocess, "train_split": split, "callbacks": callbacks, "iterator_train__shuffle": True,
-            "verbose": 0 if quiet else 1, **optimizer_arguments(optimizer, momentum=momentum), **params}
+    return {"preprocess": preprocess, "train_split": split, "callbacks": callbacks, "verbose": 0 if quiet else 1,
+            **params}
 
 
 def _estimator(task: Task, prior: Prior, *, ignore_index: int | None, head: SegmentationHead | None,
@@ -212,9 +203,12 @@ def _summary(estimator: PriorRegularizedClassifier | PriorRegularizedSegmenter, 
     key, name = _METRIC[task]
     last = estimator.history[-1]
     classes = ", ".join(str(c) for c in estimator.classes_)
+    plan = estimator.training_plan_
+    scale = estimator.prior_scale_
+    prior = "no prior" if scale is None else f"prior scale {scale:.3g}"
     text = (f"wrote {out}: {len(estimator.classes_)} classes ({classes}), {n_images} images, {len(estimator.history)} "
-            f"epochs; last epoch: train loss {last['task_loss']:.4g} + prior term {last['prior_nll']:.4g}, "
-            f"train {name} {last[f'train_{key}']:.3f}")
+            f"epochs ({len(estimator.history) * plan.steps_per_epoch} steps), {prior}; last epoch: train loss "
+            f"{last['task_loss']:.4g} + prior term {last['prior_nll']:.4g}, train {name} {last[f'train_{key}']:.3f}")
     if "valid_loss" in last:
         text += f"; valid loss {last['valid_loss']:.4g}, valid {name} {last[f'valid_{key}']:.3f}"
     return text
@@ -239,20 +233,25 @@ def finetune(
     head: Annotated[Optional[SegmentationHead], typer.Option(
         help="(segmentation) The new head: fcn (default), or deeplabv3 with atrous spatial pyramid pooling.",
         show_default=False)] = None,
-    prior_scale: Annotated[float, typer.Option(help="lambda > 0: scales the prior covariance; 1 is the posterior "
-                                               "as learned. Search it on a log grid (see `inspect`).")] = 1.0,
+    prior_scale: Annotated[str, typer.Option(
+        help="lambda > 0 scaling the prior covariance, or auto: lambda_0 * 1e3, lambda_0 being the prior's reference "
+             "scale (see `inspect`). 1 is the posterior as learned, which pins the backbone; `tune` searches "
+             "it.")] = "auto",
     prior_eps: Annotated[float, typer.Option(help="Jitter >= 0 added to the prior covariance's diagonal.")] = 0.0,
     prior_structure: Annotated[PriorStructure, typer.Option(
         help="Which part of the prior covariance to use; 'none' is standard fine-tuning.")] = PriorStructure.LOWRANK,
     head_weight_decay: Annotated[float, typer.Option(
         help="Precision of the zero-mean Gaussian prior on the new head.")] = 1.0,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 20,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.01,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 32,
-    optimizer: Annotated[OptimizerName, typer.Option(help="sgd (stable for every prior scale), adam, or fop "
-                                                     "(SGD with learned preconditioning).")] = OptimizerName.SGD,
-    momentum: Annotated[Optional[float], typer.Option(
-        help="Momentum of sgd and fop (default: 0.9, or 0 with --inference sgld, which needs plain SGD).")] = None,
+    max_epochs: MaxEpochsOption = None,
+    min_steps: MinStepsOption = RECIPE_DEFAULTS["min_steps"],
+    lr: LrOption = RECIPE_DEFAULTS["lr"],
+    batch_size: BatchSizeOption = RECIPE_DEFAULTS["batch_size"],
+    optimizer: OptimizerOption = RECIPE_DEFAULTS["optimizer"],
+    momentum: MomentumOption = None,
+    lr_schedule: LrScheduleOption = RECIPE_DEFAULTS["lr_schedule"],
+    warmup: WarmupOption = RECIPE_DEFAULTS["warmup"],
+    augment: AugmentOption = RECIPE_DEFAULTS["augment"],
+    batchnorm: BatchNormOption = RECIPE_DEFAULTS["batchnorm"],
     inference: Annotated[Inference, typer.Option(
         help="map: predict with the fitted weights; swag / sgld: average predictions over posterior samples "
              "collected over the second half of training (SWAG, or Langevin dynamics with --optimizer sgd "
@@ -262,31 +261,37 @@ def finetune(
     valid_fraction: Annotated[float, typer.Option(
         help="Hold out this fraction (stratified by class for classification) to report validation metrics; "
              "0 trains on all images.")] = 0.0,
+    early_stopping: Annotated[Optional[int], typer.Option(
+        min=1, show_default=False, help="Stop when the validation loss has not improved for this many epochs and "
+                                        "keep the best weights (needs --valid-fraction).")] = None,
     image_size: Annotated[Optional[str], typer.Option(
-        help="Resize images to N or HxW pixels (default: the size recorded in the prior).")] = None,
+        help="Resize images to N or HxW pixels (default: classification, the size recorded in the prior; "
+             "segmentation, each image's own size).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed (head initialisation, shuffling, split).")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No per-epoch log or progress bar.")] = False,
 ) -> None:
     """Fine-tune the prior's backbone with a new head on labelled images or masks; save a model file."""
-    if momentum is None:
-        momentum = 0.0 if inference is Inference.SGLD else 0.9
-    _check_options(prior_scale, prior_eps, head_weight_decay, lr, momentum, valid_fraction)
+    scale = parse_prior_scale(prior_scale)
+    _check_options(prior_eps, head_weight_decay, valid_fraction, early_stopping)
+    recipe = recipe_arguments(max_epochs=max_epochs, min_steps=min_steps, lr=lr, batch_size=batch_size,
+                              optimizer=optimizer, momentum=momentum, lr_schedule=lr_schedule, warmup=warmup,
+                              augment=augment, batchnorm=batchnorm, inference=inference)
     _check_task_options(task, masks, ignore_index, head)
     check_output(out, force)  # before training, not after minutes of it
     size = parse_image_size(image_size)
     device = resolve_device(device)
     prior_obj = Prior.load(prior)
-    preprocess, load_size, channels = _preprocessing(prior_obj, size)
+    preprocess, load_size, channels = load_geometry(prior_obj, size,
+                                                    resize_to_prior=task is Task.CLASSIFICATION)
     X, y = _load_data(task, data, masks, load_size, channels)
     split = _split(task, y, valid_fraction, seed)
     estimator = _estimator(
-        task, prior_obj, ignore_index=ignore_index, head=head,
-        preprocess=preprocess, split=split, optimizer=optimizer, momentum=momentum, quiet=quiet,
-        prior_scale=prior_scale, prior_eps=prior_eps, prior_structure=prior_structure.value,
-        head_weight_decay=head_weight_decay, lr=lr, max_epochs=epochs, batch_size=batch_size, device=device,
-        inference=inference.value, n_samples=samples, random_state=seed)
+        task, prior_obj, ignore_index=ignore_index, head=head, preprocess=preprocess, split=split, quiet=quiet,
+        early_stopping=early_stopping, prior_scale=scale, prior_eps=prior_eps,
+        prior_structure=prior_structure.value, head_weight_decay=head_weight_decay, device=device,
+        inference=inference.value, n_samples=samples, random_state=seed, **recipe)
     torch.manual_seed(seed)
     estimator.fit(X, y)
     save_model(estimator, out, overwrite=force)

@@ -13,23 +13,9 @@ from sklearn_bayes_transfer.fitter import PriorFitter, SourceTask
 from sklearn_bayes_transfer.optim import OptimizerName
 
 from ._app import app, check_output, console, handle_errors, resolve_device
+from ._options import parse_image_size
 
-__all__ = ["fit_prior", "parse_image_size"]
-
-
-def parse_image_size(text: Optional[str]) -> int | tuple[int, int] | None:
-    """``"32"`` -> 32, ``"28x32"`` -> (28, 32) (height x width), ``None`` -> None."""
-    if text is None:
-        return None
-    parts = text.lower().replace(" ", "").split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or min(values, default=0) < 1:
-        raise typer.BadParameter(f"{text!r} is not an image size; use N (square) or HxW, e.g. 32 or 28x32",
-                                 param_hint="--image-size")
-    return values[0] if len(values) == 1 else (values[0], values[1])
+__all__ = ["fit_prior"]
 
 
 def _parse_kwargs(text: Optional[str]) -> dict[str, Any] | None:

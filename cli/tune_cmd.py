@@ -1,7 +1,9 @@
-"""``bt-transfer tune``: cross-validated search over the prior scale (and standard fine-tuning)."""
+"""``bt-transfer tune``: cross-validated search over the prior scale (and standard fine-tuning),
+beside logistic regression on the pixels."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,25 +12,43 @@ import numpy as np
 import torch
 import typer
 from rich.table import Table
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
 
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
 from sklearn_bayes_transfer.data import load_image_folder
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.metrics import SCORERS, get_scorer
 from sklearn_bayes_transfer.modelfile import save_model
-from sklearn_bayes_transfer.optim import OptimizerName, optimizer_arguments
 from sklearn_bayes_transfer.prior import Prior, PriorStructure
 from sklearn_bayes_transfer.tuning import DEFAULT_DECADES, default_param_grid, results_table
 
 from ._app import app, check_output, console, handle_errors, resolve_device
-from .finetune_cmd import _check_number, _preprocessing
-from .fit_prior_cmd import parse_image_size
+from ._options import (
+    RECIPE_DEFAULTS,
+    AugmentOption,
+    BatchNormOption,
+    BatchSizeOption,
+    LrOption,
+    LrScheduleOption,
+    MaxEpochsOption,
+    MinStepsOption,
+    MomentumOption,
+    OptimizerOption,
+    WarmupOption,
+    check_number,
+    load_geometry,
+    parse_image_size,
+    recipe_arguments,
+)
 
-__all__ = ["tune", "parse_scales"]
+__all__ = ["tune"]
+
+#: The row of the pixel baseline in the result table.
+PIXEL_BASELINE = "baseline: logistic regression on the pixels"
 
 
-def parse_scales(text: str | None) -> list[float] | None:
+def _parse_scales(text: str | None) -> list[float] | None:
     """``"1e-2,1,1e2"`` -> ``[0.01, 1.0, 100.0]``; every value must be a finite number > 0."""
     if text is None:
         return None
@@ -39,15 +59,32 @@ def parse_scales(text: str | None) -> list[float] | None:
         except ValueError:
             raise ConfigError(f"--prior-scale: {part.strip()!r} is not a number; give a comma-separated list "
                               "such as 1e-2,1,1e2") from None
-        _check_number(value, "--prior-scale", low=0.0, low_open=True)
+        check_number(value, "--prior-scale", low=0.0, low_open=True)
         scales.append(value)
     return scales
+
+
+def _parse_structures(text: str) -> list[str]:
+    wanted = [s.strip() for s in text.split(",") if s.strip()]
+    allowed = [s.value for s in PriorStructure if s is not PriorStructure.NONE]
+    bad = [s for s in wanted if s not in allowed]
+    if bad or not wanted:
+        raise ConfigError(f"--structures: {', '.join(map(repr, bad)) or 'nothing given'} is not valid; give a "
+                          f"comma-separated list of {', '.join(allowed)} (standard fine-tuning is --standard)")
+    return wanted
 
 
 def _describe(params: dict) -> str:
     if params.get("prior_structure") == PriorStructure.NONE.value:
         return "standard fine-tuning (no prior)"
     return f"{params.get('prior_structure')}, scale {params.get('prior_scale'):.3g}"
+
+
+def _pixel_baseline(X: np.ndarray, y: np.ndarray, folds: StratifiedKFold, scoring: str) -> dict:
+    """Logistic regression on the raw pixels, cross-validated on the same folds as the candidates."""
+    flat = X.reshape(len(X), -1)
+    scores = cross_val_score(LogisticRegression(max_iter=2000), flat, y, cv=folds, scoring=get_scorer(scoring))
+    return {"name": PIXEL_BASELINE, "mean": float(np.mean(scores)), "std": float(np.std(scores))}
 
 
 @app.command("tune")
@@ -66,48 +103,58 @@ def tune(
     scoring: Annotated[str, typer.Option(help=f"Selection score: {', '.join(SCORERS)}.")] = "accuracy",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the best candidate, refitted on all images, "
                                                 "as a model file.")] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per fit.")] = 20,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.01,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 32,
-    optimizer: Annotated[OptimizerName, typer.Option(help="sgd, adam or fop.")] = OptimizerName.SGD,
-    momentum: Annotated[float, typer.Option(help="Momentum of sgd and fop.")] = 0.9,
-    image_size: Annotated[Optional[str], typer.Option(help="Resize images to N or HxW pixels.")] = None,
+    max_epochs: MaxEpochsOption = None,
+    min_steps: MinStepsOption = RECIPE_DEFAULTS["min_steps"],
+    lr: LrOption = RECIPE_DEFAULTS["lr"],
+    batch_size: BatchSizeOption = RECIPE_DEFAULTS["batch_size"],
+    optimizer: OptimizerOption = RECIPE_DEFAULTS["optimizer"],
+    momentum: MomentumOption = None,
+    lr_schedule: LrScheduleOption = RECIPE_DEFAULTS["lr_schedule"],
+    warmup: WarmupOption = RECIPE_DEFAULTS["warmup"],
+    augment: AugmentOption = RECIPE_DEFAULTS["augment"],
+    batchnorm: BatchNormOption = RECIPE_DEFAULTS["batchnorm"],
+    image_size: Annotated[Optional[str], typer.Option(
+        help="Resize images to N or HxW pixels (default: the size recorded in the prior).")] = None,
     n_jobs: Annotated[int, typer.Option(help="Parallel fits (GridSearchCV n_jobs).")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed (folds, initialisation, shuffling).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result table as JSON.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress spinner.")] = False,
 ) -> None:
-    """Grid-search the prior scale by cross-validation; print every candidate's mean and spread."""
-    scales = parse_scales(prior_scale)
-    scorer = get_scorer(scoring)
-    _check_number(lr, "--lr", low=0.0, low_open=True)
+    """Grid-search the prior scale by cross-validation with finetune's recipe; print every candidate's mean and
+    spread beside logistic regression on the pixels."""
+    scales = _parse_scales(prior_scale)
+    wanted = _parse_structures(structures)
+    get_scorer(scoring)
+    recipe = recipe_arguments(max_epochs=max_epochs, min_steps=min_steps, lr=lr, batch_size=batch_size,
+                              optimizer=optimizer, momentum=momentum, lr_schedule=lr_schedule, warmup=warmup,
+                              augment=augment, batchnorm=batchnorm)
     if out is not None:
         check_output(out, force)
     device = resolve_device(device)
     prior_obj = Prior.load(prior)
-    wanted = [s.strip() for s in structures.split(",") if s.strip()]
     grid = default_param_grid(prior_obj, scales=scales, structures=wanted, include_none=standard)
-    preprocess, load_size, channels = _preprocessing(prior_obj, parse_image_size(image_size))
+    preprocess, load_size, channels = load_geometry(prior_obj, parse_image_size(image_size))
     X, y = load_image_folder(data, image_size=load_size, channels=channels)
     labels, counts = np.unique(y, return_counts=True)
     if counts.min() < cv:
-        raise ConfigError(f"--cv {cv} needs at least {cv} images of every class, but class {labels[counts.argmin()]!r} "
-                          f"has {counts.min()}; lower --cv or add images")
-    estimator = PriorRegularizedClassifier(prior_obj, preprocess=preprocess, lr=lr, max_epochs=epochs,
-                                           batch_size=batch_size, device=device, verbose=0,
-                                           iterator_train__shuffle=True,
-                                           **optimizer_arguments(optimizer, momentum=momentum))
-    search = GridSearchCV(estimator, grid, cv=StratifiedKFold(cv, shuffle=True, random_state=seed),
-                          scoring=scorer, n_jobs=n_jobs, refit=out is not None, error_score="raise")
+        raise ConfigError(f"--cv {cv} needs at least {cv} images of every class, but class {str(labels[counts.argmin()])!r} "
+                          f"has {int(counts.min())}; lower --cv or add images")
+    estimator = PriorRegularizedClassifier(prior_obj, preprocess=preprocess, device=device, verbose=0, **recipe)
+    folds = StratifiedKFold(cv, shuffle=True, random_state=seed)
+    search = GridSearchCV(estimator, grid, cv=folds, scoring=get_scorer(scoring), n_jobs=n_jobs,
+                          refit=out is not None, error_score="raise")
     n_candidates = sum(len(g.get("prior_scale", [None])) * len(g["prior_structure"]) for g in grid)
     torch.manual_seed(seed)
-    with console.status(f"fitting {n_candidates} candidates x {cv} folds on {len(y)} images ...", spinner="dots"):
+    status = f"fitting {n_candidates} candidates x {cv} folds on {len(y)} images ..."
+    with console.status(status, spinner="dots") if not quiet and not as_json else contextlib.nullcontext():
         search.fit(X, y)
+        baseline = _pixel_baseline(X, y, folds, scoring)
     rows = results_table(search.cv_results_)
     if as_json:
-        typer.echo(json.dumps({"scoring": scoring, "reference_scale": prior_obj.reference_scale(), "results": rows},
-                              indent=2))
+        typer.echo(json.dumps({"scoring": scoring, "reference_scale": prior_obj.reference_scale(), "results": rows,
+                               "baselines": [baseline]}, indent=2))
     else:
         table = Table(title=f"{cv}-fold cross-validated {scoring} (reference scale lambda_0 = "
                             f"{prior_obj.reference_scale():.3g})", title_justify="left")
@@ -116,8 +163,10 @@ def tune(
         for row in rows:
             table.add_row(str(row["rank"]), _describe(row["params"]), f"{row['mean']:.4f}", f"{row['std']:.4f}",
                           f"{row['fit_time']:.1f}")
+        table.add_row("", baseline["name"], f"{baseline['mean']:.4f}", f"{baseline['std']:.4f}", "")
         console.print(table)
         console.print(f"best: {_describe(search.best_params_)}", highlight=False)
     if out is not None:
         save_model(search.best_estimator_, out, overwrite=force)
-        console.print(f"wrote {out} (best candidate refitted on all {len(y)} images)", highlight=False)
+        if not as_json:
+            console.print(f"wrote {out} (best candidate refitted on all {len(y)} images)", highlight=False)

@@ -15,7 +15,7 @@ softmax over the classes, over dim 1 for a segmenter) over the samples: Bayesian
 Samples are kept compactly as one float32 matrix ``samples_`` of shape ``(S, D)`` over all of
 ``module_.named_parameters()`` (on ``inference_device``, the CPU by default), beside
 ``sample_buffers_`` ``(S, B)``: the BatchNorm running statistics recomputed for every sample at the
-end of ``fit`` on (up to :data:`BN_MAX_EXAMPLES` of) the inputs passed to ``fit``. Recomputing them
+end of ``fit`` on (up to :data:`~sklearn_bayes_transfer.batchnorm.BN_MAX_EXAMPLES` of) the inputs passed to ``fit``. Recomputing them
 once there, rather than at every prediction, means predictions and model files need no training
 data.
 
@@ -53,33 +53,27 @@ from typing import Any
 import numpy as np
 import torch
 from skorch.callbacks import Callback
-from skorch.dataset import get_len, unpack_data
-from skorch.utils import multi_indexing
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from .batchnorm import batchnorm_buffers, batchnorm_inputs, recompute_batchnorm
 from .exceptions import ConfigError, PriorFormatError
 from .penalty import PriorPenalty
 from ._validation import check_choice
 from .swag import SwagCallback
 
 __all__ = [
-    "BN_MAX_EXAMPLES",
     "SWAG_RANK",
     "BayesianInferenceCallback",
     "BayesianInferenceMixin",
     "Inference",
     "PriorPrecisionSampler",
     "SamplingPlan",
-    "batchnorm_buffers",
     "cyclical_step_size",
+    "check_sampling_arguments",
     "langevin_noise_",
     "plan_sampling",
-    "recompute_batchnorm",
 ]
 
-#: At most this many training inputs are used to recompute BatchNorm statistics per sample.
-BN_MAX_EXAMPLES = 2048
 #: Deviation columns of the downstream SWAG posterior (the SWAG paper's default), fewer if fewer
 #: snapshots are planned.
 SWAG_RANK = 20
@@ -141,6 +135,22 @@ def _check_float(value: Any, name: str, *, low: float, high: float | None = None
     return float(value)
 
 
+def check_sampling_arguments(inference: Inference | str, *, n_samples: int, sample_start: float, sample_every: int,
+                             sgld_cycles: int) -> tuple[Inference, float, int, int]:
+    """Validate the sampling arguments of :func:`plan_sampling`, before the length of a fit is known.
+
+    Returns ``(inference, sample_start, sample_every, sgld_cycles)`` as an :class:`Inference`,
+    a float and two ints.
+    """
+    inference = check_choice(Inference, inference, "inference")
+    _check_int(n_samples, "n_samples", 1)
+    sample_every = _check_int(sample_every, "sample_every", 1)
+    cycles = _check_int(sgld_cycles, "sgld_cycles", 1)
+    sample_start = _check_float(sample_start, "sample_start", low=0.0, high=1.0,
+                                hint=" (the fraction of max_epochs trained before sampling starts)")
+    return inference, sample_start, sample_every, cycles
+
+
 def plan_sampling(
     inference: Inference | str,
     *,
@@ -169,13 +179,9 @@ def plan_sampling(
     >>> plan.start, plan.sample_epochs   # epochs 2, 3 and 6, 7 of the phase end low in a cycle
     (8, (2, 3, 6, 7))
     """
-    inference = check_choice(Inference, inference, "inference")
     max_epochs = _check_int(max_epochs, "max_epochs", 1)
-    _check_int(n_samples, "n_samples", 1)
-    sample_every = _check_int(sample_every, "sample_every", 1)
-    cycles = _check_int(sgld_cycles, "sgld_cycles", 1)
-    sample_start = _check_float(sample_start, "sample_start", low=0.0, high=1.0,
-                                hint=" (the fraction of max_epochs trained before sampling starts)")
+    inference, sample_start, sample_every, cycles = check_sampling_arguments(
+        inference, n_samples=n_samples, sample_start=sample_start, sample_every=sample_every, sgld_cycles=sgld_cycles)
     if inference is Inference.MAP:
         return SamplingPlan(inference, max_epochs, 0, ())
     start = int(math.floor(sample_start * max_epochs))
@@ -311,63 +317,6 @@ def langevin_noise_(
         p.add_(noise)
 
 
-# -- BatchNorm ---------------------------------------------------------------------------------------------
-def _batchnorms(module: nn.Module) -> list[tuple[str, _BatchNorm]]:
-    return [(name, m) for name, m in module.named_modules()
-            if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None]
-
-
-def batchnorm_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The running means and variances of ``module``'s BatchNorm layers, as ``(name, buffer)``."""
-    out = []
-    for name, m in _batchnorms(module):
-        prefix = f"{name}." if name else ""
-        out += [(prefix + "running_mean", m.running_mean), (prefix + "running_var", m.running_var)]
-    return out
-
-
-@torch.no_grad()
-def recompute_batchnorm(net: Any, X: Any) -> None:
-    """Recompute the running statistics of ``net.module_``'s BatchNorm layers on inputs ``X``.
-
-    Every layer's statistics become the average over the batches of ``X`` (the net's prediction
-    iterator, so any input skorch accepts works, on the net's device) of the batch statistics,
-    as :func:`torch.optim.swa_utils.update_bn` computes them. Momenta and train/eval mode are
-    restored afterwards.
-    """
-    module = net.module_
-    layers = [m for _, m in _batchnorms(module)]
-    if not layers:
-        return
-    momenta = [m.momentum for m in layers]
-    was_training = module.training
-    try:
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches
-        module.train()
-        for batch in net.get_iterator(net.get_dataset(X), training=False):
-            net.infer(unpack_data(batch)[0])
-    finally:
-        for m, momentum in zip(layers, momenta):
-            m.momentum = momentum
-        module.train(was_training)
-
-
-def _bn_inputs(X: Any, batch_size: int, generator: torch.Generator, limit: int = BN_MAX_EXAMPLES) -> Any:
-    """At most ``limit`` examples of ``X`` (a seeded random subset), never a last batch of one."""
-    n = get_len(X)
-    keep = min(n, limit)
-    if batch_size > 0 and keep > 1 and keep % batch_size == 1:
-        keep -= 1  # BatchNorm cannot take batch statistics of a single example
-    if keep == n:
-        return X
-    index = torch.randperm(n, generator=generator)[:keep].sort().values
-    if isinstance(X, torch.utils.data.Dataset):
-        return torch.utils.data.Subset(X, index.tolist())
-    return multi_indexing(X, index.numpy())
-
-
 # -- flat weights -------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _copy_to_flat(tensors: Iterable[torch.Tensor], out: torch.Tensor) -> None:
@@ -442,7 +391,7 @@ class BayesianInferenceCallback(Callback):
         self.initialize()
         for attr in ("samples_", "sample_buffers_"):
             net.__dict__.pop(attr, None)
-        plan = net._check_inference_hyperparameters()
+        plan = net.training_plan_.sampling
         if plan.inference is Inference.MAP:
             return
         self.plan_ = plan
@@ -572,7 +521,7 @@ class BayesianInferenceCallback(Callback):
         out = torch.empty(len(samples), size, dtype=torch.float32, device=samples.device)
         if not size:
             return out
-        inputs = _bn_inputs(X, int(net.batch_size), self._generator(torch.device("cpu")))
+        inputs = batchnorm_inputs(X, int(net.batch_size), self._generator(torch.device("cpu")))
         params = list(net.module_.parameters())
         saved = [t.detach().clone() for t in params + buffers]
         try:
@@ -603,8 +552,8 @@ class BayesianInferenceMixin:
     and :meth:`predict_proba` averages over them.
     """
 
-    def _check_inference_hyperparameters(self) -> SamplingPlan:
-        """Validate the inference hyperparameters and plan the sampling phase of one fit."""
+    def _check_inference_hyperparameters(self, epochs: int | None = None) -> SamplingPlan | None:
+        """Validate the inference hyperparameters; with the fit's ``epochs`` known, plan its sampling phase."""
         _check_float(self.temperature, "temperature", low=0.0,
                      hint=" (1 samples the Bayes posterior, < 1 a cold one, 0 is no noise)")
         if self.sample_lr is not None:
@@ -612,9 +561,12 @@ class BayesianInferenceMixin:
         _as_device(self.inference_device)
         if self.random_state is not None:
             _check_int(self.random_state, "random_state", 0)
-        return plan_sampling(self.inference, max_epochs=self.max_epochs, n_samples=self.n_samples,
-                             sample_start=self.sample_start, sample_every=self.sample_every,
-                             sgld_cycles=self.sgld_cycles)
+        arguments = dict(n_samples=self.n_samples, sample_start=self.sample_start, sample_every=self.sample_every,
+                         sgld_cycles=self.sgld_cycles)
+        if epochs is None:
+            check_sampling_arguments(self.inference, **arguments)
+            return None
+        return plan_sampling(self.inference, max_epochs=epochs, **arguments)
 
     def _langevin_prox(self) -> tuple[PriorPenalty, list[torch.Tensor]] | None:
         """``(penalty, covered parameters)`` when ``penalty.prox_`` with steps ``lr / N`` follows every

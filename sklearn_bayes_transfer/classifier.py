@@ -12,8 +12,10 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d
 from torch import nn
 
+from .augment import Augment, augment_batch
 from .backbones import feature_dim_of
-from .exceptions import DataError
+from .exceptions import ConfigError, DataError
+from .recipe import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MIN_STEPS, DEFAULT_WARMUP, TrainLoader
 from .regularized import PriorRegularizedMixin, _as_numpy
 
 __all__ = ["PriorRegularizedClassifier", "index_accuracy"]
@@ -50,10 +52,38 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         Your own network; ``None`` builds ``BackboneWithHead(prior's backbone, Linear head)``.
         The prior binds to its parameters by name (a ``backbone.`` or ``module.`` prefix is
         tolerated).
-    prior_scale : float, default=1.0
-        ``lambda > 0``: scales the prior covariance. ``1`` is the posterior as learned; useful
-        values span many orders of magnitude, so search it on a log grid (see
-        :meth:`Prior.reference_scale`).
+    max_epochs : int or None, default=None
+        Epochs to train. ``None``: the fewest whole epochs that make at least ``min_steps``
+        optimizer steps (so the budget follows the data size; see
+        :mod:`~sklearn_bayes_transfer.recipe` and ``training_plan_``).
+    min_steps : int, default=500
+        The step budget of ``max_epochs=None``.
+    lr : float, default=0.05
+        Peak learning rate. The default optimizer is :class:`torch.optim.SGD` with momentum 0.9
+        (0 with ``inference="sgld"``) unless ``optimizer__momentum`` is given.
+    lr_schedule : {"cosine", "constant"}, default="cosine"
+        Linear warm-up then cosine decay over the fit (before any sampling phase), or ``lr``
+        throughout (see :class:`~sklearn_bayes_transfer.recipe.LRSchedule`).
+    warmup : float, default=0.1
+        Fraction of the scheduled steps spent warming up.
+    batch_size : int, default=32
+        Images per batch. A last batch of fewer than ``batch_size / 4`` images is dropped
+        (:class:`~sklearn_bayes_transfer.recipe.TrainLoader`; training batches are shuffled).
+    augment : {"light", "light-flip", "none"} or callable, default="light"
+        Augmentation of training batches: small random shifts, zooms and rotations (no flips),
+        the same plus left-right flips, or none (see :class:`~sklearn_bayes_transfer.augment.Augment`).
+        A callable is applied to each preprocessed training image ``(C, H, W)`` (e.g. a
+        torchvision v2 transform).
+    batchnorm : {"recompute", "running"}, default="recompute"
+        BatchNorm statistics used by ``predict``: recomputed over the training images for the
+        final weights, or PyTorch's running averages (see
+        :class:`~sklearn_bayes_transfer.recipe.BatchNormUpdate`).
+    prior_scale : float or "auto", default="auto"
+        ``lambda > 0``: scales the prior covariance. ``1`` is the posterior as learned, which
+        pins the backbone and costs accuracy; ``"auto"`` is ``lambda_0 * 10**3``, with
+        ``lambda_0`` the prior's :meth:`~sklearn_bayes_transfer.Prior.reference_scale`, the
+        scale measured not to cost accuracy on the transfer panel. Search it on a log grid
+        (:func:`~sklearn_bayes_transfer.tuning.default_param_grid`) to let the prior help.
     prior_eps : float, default=0.0
         Jitter added to the prior covariance's diagonal.
     prior_structure : {"lowrank", "diag", "isotropic", "none"}, default="lowrank"
@@ -92,9 +122,10 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
     random_state : int, optional
         Seeds the SGLD noise and the SWAG draws (``None``: drawn from torch's global generator,
         so ``torch.manual_seed`` makes a fit reproducible).
-    criterion, optimizer, lr, max_epochs, batch_size, train_split, callbacks, device, ...
+    criterion, optimizer, train_split, callbacks, device, ...
         As in :class:`skorch.NeuralNetClassifier`. ``train_split`` defaults to ``None``: ``fit``
-        trains on all the data it gets, as scikit-learn estimators do.
+        trains on all the data it gets, as scikit-learn estimators do. For early stopping, pass
+        a split and ``callbacks=[skorch.callbacks.EarlyStopping(load_best=True)]``.
 
     Attributes
     ----------
@@ -106,6 +137,11 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         The preprocessing applied to inputs.
     n_train_ : int
         Number of training examples of the last fit (the ``N`` of the loss).
+    prior_scale_ : float or None
+        The prior scale in use (``"auto"`` resolved); ``None`` without a prior term.
+    training_plan_ : TrainingPlan
+        Epochs, steps per epoch and sampling phase of the last fit
+        (:class:`~sklearn_bayes_transfer.recipe.TrainingPlan`).
     module_ : nn.Module
         The fitted network.
     samples_ : torch.Tensor
@@ -123,9 +159,9 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
     >>> prior = Prior.from_module(get_backbone("small_cnn", width=4), variance=0.01)
     >>> X = np.random.default_rng(0).random((20, 8, 8)).astype("float32")
     >>> y = np.array(["cat", "dog"] * 10)
-    >>> clf = PriorRegularizedClassifier(prior, max_epochs=2, verbose=0).fit(X, y)
-    >>> clf.predict(X[:3]).shape
-    (3,)
+    >>> clf = PriorRegularizedClassifier(prior, min_steps=10, verbose=0).fit(X, y)
+    >>> clf.predict(X[:3]).shape, clf.training_plan_.steps
+    ((3,), 10)
     """
 
     def __init__(
@@ -136,7 +172,16 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         criterion=nn.CrossEntropyLoss,
         train_split=None,
         classes=None,
-        prior_scale: float = 1.0,
+        max_epochs: int | None = None,
+        lr: float = DEFAULT_LR,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        iterator_train=TrainLoader,
+        min_steps: int = DEFAULT_MIN_STEPS,
+        lr_schedule: str = "cosine",
+        warmup: float = DEFAULT_WARMUP,
+        augment: Any = "light",
+        batchnorm: str = "recompute",
+        prior_scale: float | str = "auto",
         prior_eps: float = 0.0,
         prior_structure: str = "lowrank",
         head_weight_decay: float = 1.0,
@@ -154,8 +199,14 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         random_state: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(module, *args, criterion=criterion, train_split=train_split, classes=classes, **kwargs)
+        super().__init__(module, *args, criterion=criterion, train_split=train_split, classes=classes,
+                         max_epochs=max_epochs, lr=lr, batch_size=batch_size, iterator_train=iterator_train, **kwargs)
         self.prior = prior
+        self.min_steps = min_steps
+        self.lr_schedule = lr_schedule
+        self.warmup = warmup
+        self.augment = augment
+        self.batchnorm = batchnorm
         self.prior_scale = prior_scale
         self.prior_eps = prior_eps
         self.prior_structure = prior_structure
@@ -258,6 +309,16 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
 
     def _build_head(self, backbone: nn.Module) -> nn.Module:
         return nn.Linear(feature_dim_of(backbone, self._example_input()), len(self.classes_))
+
+    def _augment_batch(self, augment: Any, X: Any, y: Any) -> tuple[Any, Any]:
+        if not isinstance(X, torch.Tensor) or X.dim() != 4:
+            raise ConfigError(f"augment={self.augment!r} transforms image batches (N, C, H, W), but this batch is "
+                              f"{type(X).__name__ if not isinstance(X, torch.Tensor) else tuple(X.shape)}; pass "
+                              "augment='none' for other inputs")
+        if isinstance(augment, Augment) and min(X.shape[-2:]) == 1:
+            # Feature rows read as one-pixel-high images (docs/deviations.md): not images to move.
+            return X, y
+        return augment_batch(augment, X)[0], y
 
 
 class _EncodedTargets(torch.utils.data.Dataset):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -225,6 +226,14 @@ def _image_of(item: Any, index: int) -> torch.Tensor:
         raise DataError(f"dataset item {index} does not hold an image array or tensor ({exc})") from None
 
 
+def _recording_size(preprocess: Preprocess, size: Any) -> Preprocess:
+    """``preprocess`` with the source images' size recorded when it has none: downstream data is
+    resized to what the backbone saw (``docs/recipe.md``). Resizing to its own size changes nothing."""
+    if preprocess.image_size is not None:
+        return preprocess
+    return dataclasses.replace(preprocess, image_size=(int(size[0]), int(size[1])))
+
+
 def _label_of(item: Any, index: int) -> Any:
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         raise DataError(f"supervised fitting needs labels, but dataset item {index} is not an (image, label) "
@@ -337,10 +346,12 @@ class PriorFitter(BaseEstimator):
     augment_noise : float, default=0.1
         Standard deviation of the Gaussian noise added to SimCLR views (normalised units).
     image_size : int or (int, int), optional
-        Resize images to this size; by default they keep their size.
+        Resize images to this size; by default they keep their size. Either way the size the
+        backbone saw is recorded in ``prior_.meta["preprocess"]``, and downstream estimators and
+        commands resize their images to it.
     preprocess : Preprocess or dict, optional
-        Fixed preprocessing; by default the per-channel mean and std are fitted on ``X``.
-        Recorded in ``prior_.meta["preprocess"]`` either way.
+        Fixed preprocessing (recorded as given); by default the per-channel mean and std are
+        fitted on ``X``. Recorded in ``prior_.meta["preprocess"]`` either way.
     device : str, default="cpu"
         ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available).
     seed : int or None, default=0
@@ -498,6 +509,8 @@ class PriorFitter(BaseEstimator):
         fixed = self._fixed_preprocess()
         preprocess = fixed or Preprocess.fit(X, image_size=self.image_size, channels=self._wanted_channels())
         images = prepare_images(X, preprocess).cpu()
+        if fixed is None:
+            preprocess = _recording_size(preprocess, images.shape[-2:])
         classes, codes = self._encode(y, images.shape[0], supervised)
         targets = torch.as_tensor(codes if codes is not None else np.zeros(images.shape[0]), dtype=torch.int64)
         return TensorDataset(images, targets), preprocess, classes
@@ -520,6 +533,7 @@ class PriorFitter(BaseEstimator):
                 picks = np.unique(np.linspace(0, n - 1, min(n, _PREPROCESS_SAMPLE)).astype(int))
                 sample = [_image_of(dataset[int(i)], int(i)) for i in picks]
                 fixed = Preprocess.fit(sample, image_size=self.image_size, channels=self._wanted_channels())
+                fixed = _recording_size(fixed, sample[0].shape[-2:])
             preprocess, apply = fixed, fixed
         labels = None
         if supervised:

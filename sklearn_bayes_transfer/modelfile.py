@@ -11,7 +11,7 @@ users as in scikit-learn). Version 1 holds::
      "classes": [...] or None,                           # plain python labels
      "preprocess": Preprocess.to_meta() or None,
      "hyperparameters": {...},                           # the plain-valued constructor arguments
-     "fitted": {"n_features_in": ..., "input_shape": [...], "n_train": ...},
+     "fitted": {"n_features_in": ..., "input_shape": [...], "n_train": ..., "prior_scale": ...},
      "state_dict": {name: Tensor},                       # the whole network, on the CPU
      "samples": dict or None,                            # Bayesian-inference state, see below
      "meta": {"library_version": ..., "created": ..., "optimizer": ..., "prior": {...}}}
@@ -76,7 +76,7 @@ _ESTIMATOR_MODULES: dict[str, str] = {
 # are replaced on loading, the device is chosen by the caller, classes are stored on their own.
 _NOT_HYPERPARAMETERS = frozenset({"prior", "module", "device", "classes"})
 # Fitted attributes (besides classes_ and preprocess_) that a rebuilt estimator gets back.
-_FITTED_ATTRIBUTES = ("n_features_in_", "input_shape_", "n_train_")
+_FITTED_ATTRIBUTES = ("n_features_in_", "input_shape_", "n_train_", "prior_scale_")
 _PLAIN = (str, int, float, bool, type(None))
 
 

@@ -11,13 +11,18 @@ example. Both terms are logged in ``history`` beside ``task_loss``.
 
 The prior term is stiff (its curvature reaches ``1 / (N * min(d))``), so by default, with plain
 SGD, it is applied as an exact proximal step after each optimizer step instead of through the
-gradient. That forward-backward splitting is stable for every ``prior_scale``; see DESIGN.md
-("Numerics learned the hard way").
+gradient. That forward-backward splitting is stable for every ``prior_scale``; see
+``docs/deviations.md``.
+
+The training recipe (step budget, warm-up and cosine schedule, augmentation, BatchNorm
+statistics, the default prior scale) is :mod:`~sklearn_bayes_transfer.recipe`'s; this mixin plans
+each fit with it (:attr:`training_plan_`) and applies the augmentation in :meth:`train_step`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from enum import Enum
 from pathlib import Path
@@ -27,16 +32,28 @@ import numpy as np
 import torch
 from sklearn.utils import check_array
 from skorch.callbacks import Callback, PassthroughScoring
-from skorch.dataset import ValidSplit
+from skorch.dataset import ValidSplit, unpack_data
 from torch import nn
 
+from .augment import Augment, augment_batch, check_augment
 from .backbones import backbone_from_meta
-from .bayes import BayesianInferenceMixin
+from .bayes import BayesianInferenceMixin, Inference
 from .data import Preprocess, TransformedDataset, prepare_images
 from ._validation import check_choice
 from .exceptions import ConfigError, DataError, PriorMismatchError, TrainingDivergedError
 from .penalty import PriorPenalty
 from .prior import Prior, PriorStructure, named_parameters_for
+from .recipe import (
+    DEFAULT_MOMENTUM,
+    BatchNormUpdate,
+    LRSchedule,
+    RecomputeBatchNorm,
+    TrainingPlan,
+    WarmupCosineLR,
+    check_recipe,
+    epochs_for_steps,
+    resolve_prior_scale,
+)
 
 __all__ = ["PriorRegularizedMixin", "PriorUpdate", "BackboneWithHead"]
 
@@ -95,12 +112,17 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
     """Prior-regularised fine-tuning for a skorch net (put it before the net class).
 
     Subclasses set the hyperparameters ``prior``, ``prior_scale``, ``prior_eps``,
-    ``prior_structure``, ``head_weight_decay``, ``prior_update``, ``factor_dtype`` and
-    ``preprocess`` in ``__init__`` and implement :meth:`_build_head` (and, for other kinds of
-    targets than class labels, the target handling). Bayesian inference (``inference``,
+    ``prior_structure``, ``head_weight_decay``, ``prior_update``, ``factor_dtype``,
+    ``preprocess`` and the recipe's ``min_steps``, ``lr_schedule``, ``warmup``, ``augment`` and
+    ``batchnorm`` in ``__init__`` and implement :meth:`_build_head` and :meth:`_augment_batch`
+    (and, for other kinds of targets than class labels, the target handling). Bayesian inference (``inference``,
     ``n_samples``, ... : SWAG or SGLD samples and model averaging in ``predict_proba``) comes from
     :class:`~sklearn_bayes_transfer.bayes.BayesianInferenceMixin`, whose hyperparameters they set too.
     """
+
+    #: Whether ``preprocess="auto"`` resizes inputs to the prior's recorded image size (a
+    #: classifier's pooled features expect the source geometry; a segmenter reads any size).
+    _resize_to_prior = True
 
     # -- the prior ------------------------------------------------------------------------------
     def _resolve_prior(self) -> Prior | None:
@@ -119,10 +141,12 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         return structure
 
     def _check_prior_hyperparameters(self) -> None:
-        _check_positive(self.prior_scale, "prior_scale")
+        resolve_prior_scale(self.prior_scale, None)
         _check_positive(self.prior_eps, "prior_eps", allow_zero=True)
         _check_positive(self.head_weight_decay, "head_weight_decay", allow_zero=True)
         check_choice(PriorUpdate, self.prior_update, "prior_update")
+        check_recipe(self)
+        check_augment(self.augment)
         self._check_inference_hyperparameters()
         self._structure()
         if self.prior is None and self.module is None:
@@ -142,7 +166,8 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
                               "like {'image_size': [H, W], 'channels': C, 'mean': [...], 'std': [...]}")
         meta = self.prior_.meta.get("preprocess") if self.prior_ is not None else None
         if meta:
-            return Preprocess.from_meta(meta, error=DataError)
+            recorded = Preprocess.from_meta(meta, error=DataError)
+            return recorded if self._resize_to_prior else dataclasses.replace(recorded, image_size=None)
         if _is_array_like(X):
             return Preprocess.fit(_reshape_rows(X, None))
         return None
@@ -205,14 +230,31 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
             del self._in_fit_
 
     def partial_fit(self, X, y=None, classes=None, **fit_params):
-        """Continue training on more data (the first call fits)."""
-        if getattr(self, "_in_fit_", False):
-            return super().partial_fit(X, y, classes=classes, **fit_params)
-        if not getattr(self, "initialized_", False):
-            return self.fit(X, y, **fit_params)
-        X, y = self._fit_inputs(X, y)
-        X = self._validate_X(X, reset=False)
-        return super().partial_fit(*self._prepare_Xy(X, y), classes=classes, **fit_params)
+        """Continue training on more data (the first call fits), with a new learning rate schedule."""
+        if not getattr(self, "_in_fit_", False):
+            if not getattr(self, "initialized_", False):
+                return self.fit(X, y, **fit_params)
+            X, y = self._fit_inputs(X, y)
+            X = self._validate_X(X, reset=False)
+            X, y = self._prepare_Xy(X, y)
+        # Planned before skorch notifies on_train_begin: the callbacks read the plan there.
+        self.training_plan_ = self._plan_training(X, y, fit_params)
+        return super().partial_fit(X, y, classes=classes, **fit_params)
+
+    def _plan_training(self, X: Any, y: Any, fit_params: dict[str, Any]) -> TrainingPlan:
+        """Epochs of this fit (``max_epochs``, or enough for ``min_steps`` steps) and its sampling phase."""
+        split_params = {k: v for k, v in fit_params.items() if not k.startswith("_")}
+        train, _ = self.get_split_datasets(X, y, **split_params)
+        steps = len(self.get_iterator(train, training=True))
+        epochs = int(self.max_epochs) if self.max_epochs is not None else epochs_for_steps(steps, self.min_steps)
+        sampling = self._check_inference_hyperparameters(epochs)
+        return TrainingPlan(epochs=epochs, steps_per_epoch=steps, n_train=len(train), sampling=sampling)
+
+    def fit_loop(self, X, y=None, epochs=None, **fit_params):
+        """skorch's training loop, for ``epochs`` or else the epochs of :attr:`training_plan_`."""
+        if epochs is None:
+            epochs = self.training_plan_.epochs
+        return super().fit_loop(X, y, epochs=epochs, **fit_params)
 
     def _fit_inputs(self, X: Any, y: Any) -> tuple[Any, Any]:
         """Hook: checks and unpacking of ``(X, y)`` before validation (identity by default)."""
@@ -237,9 +279,11 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         structure = self._structure()
         covered: list[nn.Parameter] = []
         self.penalty_ = None
+        self.prior_scale_ = None
         if structure is not PriorStructure.NONE:
             covered = [p for _, p in named_parameters_for(self.prior_, self.module_)]
-            self.penalty_ = PriorPenalty(self.prior_, scale=float(self.prior_scale), eps=float(self.prior_eps),
+            self.prior_scale_ = resolve_prior_scale(self.prior_scale, self.prior_)
+            self.penalty_ = PriorPenalty(self.prior_, scale=self.prior_scale_, eps=float(self.prior_eps),
                                          structure=structure, factor_dtype=_factor_dtype(self.factor_dtype))
         ids = {id(p) for p in covered}
         self.prior_params_ = covered
@@ -322,7 +366,18 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
                        "raise prior_scale or set prior_eps > 0")
         return advice
 
+    def get_params_for_optimizer(self, prefix, named_parameters):
+        """skorch's optimizer arguments; plain SGD gets momentum 0.9 unless told otherwise (0 for SGLD)."""
+        args, kwargs = super().get_params_for_optimizer(prefix, named_parameters)
+        if prefix == "optimizer" and self.optimizer is torch.optim.SGD and "momentum" not in kwargs:
+            sgld = check_choice(Inference, self.inference, "inference") is Inference.SGLD
+            kwargs["momentum"] = 0.0 if sgld else DEFAULT_MOMENTUM
+        return args, kwargs
+
     def train_step(self, batch, **fit_params):
+        augment = check_augment(self.augment)
+        if augment is not Augment.NONE:
+            batch = self._augment_batch(augment, *unpack_data(batch))
         step = super().train_step(batch, **fit_params)
         if self.penalty_ is not None and self._update_rule() is PriorUpdate.PROXIMAL:
             self._proximal_step()
@@ -359,15 +414,26 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
 
     @property
     def _default_callbacks(self):
+        # No validation here (set_params re-initialises callbacks): fit checks the values first.
+        recipe = []
+        if isinstance(self.lr_schedule, str) and self.lr_schedule == LRSchedule.COSINE:
+            recipe.append(("lr_schedule", WarmupCosineLR(self.warmup)))
+        if isinstance(self.batchnorm, str) and self.batchnorm == BatchNormUpdate.RECOMPUTE:
+            recipe.append(("batchnorm", RecomputeBatchNorm()))
         return [
             *super()._default_callbacks,
             ("task_loss", PassthroughScoring(name="task_loss", on_train=True)),
             ("prior_nll", PassthroughScoring(name="prior_nll", on_train=True)),
             ("finite_weights", _FiniteWeightsGuard()),
+            *recipe,
         ]
 
     # -- to implement --------------------------------------------------------------------------
     def _build_head(self, backbone: nn.Module) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _augment_batch(self, augment: Any, X: Any, y: Any) -> tuple[Any, Any]:  # pragma: no cover - abstract
+        """One training batch ``(X, y)`` augmented with ``augment`` (a checked :class:`Augment` or callable)."""
         raise NotImplementedError
 
     def _learn_targets(self, X: Any, y: Any) -> Any:  # pragma: no cover - abstract

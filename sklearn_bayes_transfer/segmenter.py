@@ -25,10 +25,12 @@ from skorch import NeuralNet
 from skorch.dataset import ValidSplit
 from torch import nn
 
+from .augment import augment_batch
 from .data import JointTransform, as_image_tensor, as_mask_tensor, resize_masks
 from .exceptions import ConfigError, DataError
 from .metrics import miou_scorer
 from ._validation import check_choice
+from .recipe import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MIN_STEPS, DEFAULT_WARMUP, TrainLoader
 from .regularized import BackboneWithHead, PriorRegularizedMixin, _as_numpy
 
 __all__ = [
@@ -191,21 +193,6 @@ def _resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-class _JointlyTransformed(torch.utils.data.Dataset):
-    """Training pairs ``(image, encoded mask)`` passed through a joint random transform."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset, transform: Any) -> None:
-        self.dataset = dataset
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.dataset[index]
-        return self.transform(image, mask)
-
-
 class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
     """Semantic segmenter fine-tuned with ``pixel cross-entropy + prior negative log-density``.
 
@@ -236,18 +223,24 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         Mask value of pixels to skip (borders, void); must not be a class id. ``None``: none.
     head : {"fcn", "deeplabv3"}, default="fcn"
         See :class:`SegmentationHead`.
+    max_epochs, min_steps, lr, lr_schedule, warmup, batch_size, batchnorm
+        The training recipe, as in :class:`~sklearn_bayes_transfer.PriorRegularizedClassifier`.
     prior_scale, prior_eps, prior_structure, head_weight_decay, prior_update, factor_dtype
         As in :class:`~sklearn_bayes_transfer.PriorRegularizedClassifier`.
     preprocess : "auto", None, Preprocess or dict, default="auto"
-        Input preprocessing. ``"auto"`` applies the prior's recorded preprocessing, or one fitted
-        on the training images if the prior has none. When it resizes, masks are resized with
-        nearest-neighbour for training and predictions come back at each input's own size.
-    augment : JointTransform or callable, default=None
-        Random transform of ``(image, mask)`` training pairs (for example
-        ``JointTransform(crop_size=24, hflip=True)``), applied after preprocessing, to the
-        training split only. A :class:`~sklearn_bayes_transfer.data.JointTransform`'s padding is
-        always marked as ignored. Another callable receives the preprocessed image ``(C, H, W)``
-        and the mask ``(H, W)`` encoded as indices of ``classes_`` with ignored pixels equal to
+        Input preprocessing. ``"auto"`` applies the prior's recorded channels and normalisation
+        (or ones fitted on the training images if the prior has none) but keeps each image's
+        size: a fully convolutional network reads any size, and shrinking a 512 x 512 tile to a
+        prior's 32 x 32 would lose the detail masks need. A Preprocess or dict with an
+        ``image_size`` resizes: masks are then resized with nearest-neighbour for training and
+        predictions come back at each input's own size.
+    augment : {"light", "light-flip", "none"}, JointTransform or callable, default="light"
+        Augmentation of training batches, applied to images and masks alike (masks resampled
+        with nearest neighbours): small random shifts, zooms and rotations (no flips), the same
+        plus left-right flips, or none (see :class:`~sklearn_bayes_transfer.augment.Augment`).
+        A :class:`~sklearn_bayes_transfer.data.JointTransform`'s padding is always marked as
+        ignored. Another callable receives each preprocessed image ``(C, H, W)`` and its mask
+        ``(H, W)`` encoded as indices of ``classes_`` with ignored pixels equal to
         :data:`IGNORE_TARGET`, and must keep that encoding.
     inference : {"map", "swag", "sgld"}, default="map"
         ``"map"``: predict with the fitted weights. ``"swag"``: collect a SWAG posterior over the
@@ -272,7 +265,7 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
     random_state : int, optional
         Seeds the SGLD noise and the SWAG draws (``None``: drawn from torch's global generator,
         so ``torch.manual_seed`` makes a fit reproducible).
-    criterion, optimizer, lr, max_epochs, batch_size, train_split, callbacks, device, ...
+    criterion, optimizer, train_split, callbacks, device, ...
         As in :class:`skorch.NeuralNet`. The criterion gets ``ignore_index`` set for you.
         ``train_split`` defaults to ``None`` (train on all images); a validation split must not
         be stratified (masks have no single label per image).
@@ -285,6 +278,8 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
     preprocess_ : Preprocess or None
     n_train_ : int
         Number of training images of the last fit (the ``N`` of the loss).
+    prior_scale_, training_plan_
+        As in :class:`~sklearn_bayes_transfer.PriorRegularizedClassifier`.
     module_ : nn.Module
     samples_, sample_buffers_ : torch.Tensor
         With ``inference`` ``"swag"`` or ``"sgld"``: the posterior samples over
@@ -305,6 +300,8 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
     ([0, 7], (2, 13, 11), (2, 2, 13, 11))
     """
 
+    _resize_to_prior = False
+
     def __init__(
         self,
         prior=None,
@@ -315,14 +312,22 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         classes=None,
         ignore_index: int | None = 255,
         head: str = "fcn",
-        prior_scale: float = 1.0,
+        max_epochs: int | None = None,
+        lr: float = DEFAULT_LR,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        iterator_train=TrainLoader,
+        min_steps: int = DEFAULT_MIN_STEPS,
+        lr_schedule: str = "cosine",
+        warmup: float = DEFAULT_WARMUP,
+        augment: Any = "light",
+        batchnorm: str = "recompute",
+        prior_scale: float | str = "auto",
         prior_eps: float = 0.0,
         prior_structure: str = "lowrank",
         head_weight_decay: float = 1.0,
         prior_update: str = "auto",
         factor_dtype: str | None = None,
         preprocess: Any = "auto",
-        augment: Any = None,
         inference: str = "map",
         n_samples: int = 20,
         sample_start: float = 0.5,
@@ -334,8 +339,14 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         random_state: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(module, *args, criterion=criterion, train_split=train_split, **kwargs)
+        super().__init__(module, *args, criterion=criterion, train_split=train_split, max_epochs=max_epochs, lr=lr,
+                         batch_size=batch_size, iterator_train=iterator_train, **kwargs)
         self.prior = prior
+        self.min_steps = min_steps
+        self.lr_schedule = lr_schedule
+        self.warmup = warmup
+        self.augment = augment
+        self.batchnorm = batchnorm
         self.classes = classes
         self.ignore_index = ignore_index
         self.head = head
@@ -346,7 +357,6 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         self.prior_update = prior_update
         self.factor_dtype = factor_dtype
         self.preprocess = preprocess
-        self.augment = augment
         self.inference = inference
         self.n_samples = n_samples
         self.sample_start = sample_start
@@ -370,9 +380,6 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, (int, np.integer))):
             raise ConfigError(f"ignore_index must be an int or None, got {ignore!r}")
         check_choice(SegmentationHead, self.head, "head")
-        if self.augment is not None and not callable(self.augment):
-            raise ConfigError(f"augment must be a JointTransform, a callable (image, mask) -> (image, mask) or "
-                              f"None, got {type(self.augment).__name__}")
         if "ignore_index" in self.get_params_for("criterion"):
             raise ConfigError("set ignore_index on the segmenter (ignore_index=...), not criterion__ignore_index: "
                               "the criterion sees encoded masks, whose ignored pixels the segmenter marks itself")
@@ -472,16 +479,12 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
             self.criterion_.ignore_index = IGNORE_TARGET
         return self
 
-    def get_split_datasets(self, X, y=None, **fit_params):
-        train, valid = super().get_split_datasets(X, y, **fit_params)
-        augment = self.augment
-        if augment is not None:
-            if isinstance(augment, JointTransform):
-                # Padding must be ignored in the encoded targets, whatever value the user chose.
-                augment = JointTransform(augment.crop_size, hflip=augment.hflip, ignore_index=IGNORE_TARGET,
-                                         generator=augment.generator)
-            train = _JointlyTransformed(train, augment)
-        return train, valid
+    def _augment_batch(self, augment: Any, X: Any, y: Any) -> tuple[Any, Any]:
+        if isinstance(augment, JointTransform):
+            # Padding must be ignored in the encoded targets, whatever value the user chose.
+            augment = JointTransform(augment.crop_size, hflip=augment.hflip, ignore_index=IGNORE_TARGET,
+                                     generator=augment.generator)
+        return augment_batch(augment, X, y)
 
     def _check_split(self, y: Any) -> None:
         # Masks have no per-image label to stratify on; _check_segmenter_params refuses stratified splits.

@@ -19,11 +19,9 @@ from torch import nn
 
 from sklearn_bayes_transfer import ConfigError, Prior, PriorFormatError, PriorPenalty
 from sklearn_bayes_transfer.backbones import get_backbone
+from sklearn_bayes_transfer.batchnorm import BN_MAX_EXAMPLES, batchnorm_buffers, batchnorm_inputs
 from sklearn_bayes_transfer.bayes import (
-    BN_MAX_EXAMPLES,
     Inference,
-    _bn_inputs,
-    batchnorm_buffers,
     cyclical_step_size,
     langevin_noise_,
     plan_sampling,
@@ -154,10 +152,10 @@ def test_sgld_at_temperature_zero_is_sgd_with_the_same_step_sizes(digits, cnn_pr
                            lr_lambda=lambda k: cyclical_step_size(k, steps, cycles, lr) / lr)
     torch.manual_seed(5)
     sgd = _classifier(cnn_prior, max_epochs=epochs, batch_size=batch, lr=lr, callbacks=[schedule],
-                      iterator_train__shuffle=True).fit(X, y)
+                      optimizer__momentum=0.0, lr_schedule="constant").fit(X, y)
     torch.manual_seed(5)
     sgld = _classifier(cnn_prior, max_epochs=epochs, batch_size=batch, lr=lr, inference="sgld", temperature=0.0,
-                       sample_start=0.0, sgld_cycles=cycles, n_samples=2, iterator_train__shuffle=True).fit(X, y)
+                       sample_start=0.0, sgld_cycles=cycles, n_samples=2).fit(X, y)
     assert sgld._update_rule().value == "proximal"  # the default path, prior as a proximal step
     for (name, a), b in zip(sgd.module_.named_parameters(), sgld.module_.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
@@ -221,8 +219,10 @@ def test_swag_and_sgld_averaging_lower_held_out_nll_versus_map():
     def fit(inference: str) -> float:
         torch.manual_seed(0)
         module = nn.Sequential(nn.Flatten(), nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 3))
+        # Plain constant-rate SGD without momentum: the setting the margins were measured in.
         clf = PriorRegularizedClassifier(module=module, max_epochs=200, lr=0.1, batch_size=10, verbose=0,
                                          head_weight_decay=0.01, inference=inference, n_samples=20,
+                                         lr_schedule="constant", optimizer__momentum=0.0, augment="none",
                                          random_state=0, iterator_valid__batch_size=2000).fit(Xtr, ytr)
         return negative_log_likelihood(yte, clf.predict_proba(Xte), classes=clf.classes_)
 
@@ -310,13 +310,13 @@ def test_asking_more_samples_than_collected_at_predict_time(digits, cnn_prior):
 # -- BatchNorm helpers ----------------------------------------------------------------------------------------
 def test_bn_subset_is_bounded_seeded_and_never_leaves_a_batch_of_one():
     X = torch.arange(100.0).reshape(100, 1)
-    sub = _bn_inputs(X, batch_size=16, generator=torch.Generator().manual_seed(0), limit=33)
+    sub = batchnorm_inputs(X, batch_size=16, generator=torch.Generator().manual_seed(0), limit=33)
     assert len(sub) == 32 and len(torch.unique(sub)) == 32  # 33 = 2 * 16 + 1: one dropped
-    again = _bn_inputs(X, batch_size=16, generator=torch.Generator().manual_seed(0), limit=33)
+    again = batchnorm_inputs(X, batch_size=16, generator=torch.Generator().manual_seed(0), limit=33)
     assert torch.equal(sub, again)
     dataset = torch.utils.data.TensorDataset(X)
-    assert len(_bn_inputs(dataset, batch_size=8, generator=torch.Generator(), limit=20)) == 20
-    assert _bn_inputs(X, batch_size=7, generator=torch.Generator()) is X  # all kept: 100 <= limit
+    assert len(batchnorm_inputs(dataset, batch_size=8, generator=torch.Generator(), limit=20)) == 20
+    assert batchnorm_inputs(X, batch_size=7, generator=torch.Generator()) is X  # all kept: 100 <= limit
     assert BN_MAX_EXAMPLES == 2048
     names = [n for n, _ in batchnorm_buffers(get_backbone("small_cnn", width=4))]
     assert names[:2] == ["features.1.running_mean", "features.1.running_var"]

@@ -126,7 +126,7 @@ def test_without_prior_the_loss_is_cross_entropy_plus_head_term(digits, head_wei
     snapshot = _ModuleAtTrainBegin()
     clf = PriorRegularizedClassifier(
         _cnn_prior(), prior_structure="none", head_weight_decay=head_weight_decay, preprocess=None,
-        batch_size=len(X), max_epochs=1, callbacks=[("snapshot", snapshot)], verbose=0,
+        batch_size=len(X), max_epochs=1, augment="none", callbacks=[("snapshot", snapshot)], verbose=0,
     ).fit(X, y)
 
     module = snapshot.module.train()  # the loss is computed in training mode (BatchNorm batch statistics)

@@ -22,7 +22,7 @@ from sklearn_bayes_transfer.modelfile import load_model
 runner = CliRunner()
 CLASSES = ("ant", "bee", "cat")
 PREPROCESS = {"image_size": [8, 8], "channels": 1, "mean": [0.5], "std": [0.25]}
-FAST = ["--epochs", "3", "--lr", "0.05", "--batch-size", "8", "--quiet"]
+FAST = ["--max-epochs", "3", "--lr", "0.05", "--batch-size", "8", "--quiet"]
 
 
 
@@ -67,7 +67,7 @@ def trained(tmp_path_factory):
     test = write_folder(root / "test", 3, seed=1)
     model = root / "model.pt"
     result = runner.invoke(app, ["finetune", "--prior", str(prior), "--data", str(train), "--out", str(model),
-                                 "--epochs", "8", "--lr", "0.05", "--batch-size", "6", "--quiet"])
+                                 "--max-epochs", "8", "--lr", "0.05", "--batch-size", "6", "--quiet"])
     assert result.exit_code == 0, result.output
     return {"root": root, "prior": prior, "train": train, "test": test, "model": model, "output": result.stdout}
 
@@ -85,7 +85,9 @@ def test_finetune_writes_a_model_that_learned(trained):
     assert "3 classes (ant, bee, cat), 18 images, 8 epochs" in trained["output"]
     estimator = load_model(trained["model"])
     assert estimator.classes_.tolist() == list(CLASSES)
-    assert estimator.get_params()["max_epochs"] == 8 and estimator.get_params()["prior_scale"] == 1.0
+    assert estimator.get_params()["max_epochs"] == 8 and estimator.get_params()["prior_scale"] == "auto"
+    # "auto" is recorded as the scale it meant for this prior.
+    assert estimator.prior_scale_ == pytest.approx(Prior.load(trained["prior"]).reference_scale() * 1e3)
     proba, y, _ = reference_proba(trained["model"], trained["train"])
     assert (proba.argmax(1) == y).mean() > 0.5  # well above chance (1/3): the prior was fine-tuned
 
@@ -208,7 +210,7 @@ def test_validation_split_progress_and_optimizers(tmp_path):
     prior = write_prior(tmp_path / "prior.pt")
     data = write_folder(tmp_path / "data")
     result = runner.invoke(app, ["finetune", "--prior", str(prior), "--data", str(data), "--out",
-                                 str(tmp_path / "m.pt"), "--epochs", "2", "--valid-fraction", "0.34"])
+                                 str(tmp_path / "m.pt"), "--max-epochs", "2", "--valid-fraction", "0.34"])
     assert result.exit_code == 0, result.output
     assert "valid_acc" in result.stdout and "train_acc" in result.stdout  # the per-epoch table
     assert "valid accuracy" in result.stdout and "train accuracy" in result.stdout
@@ -228,7 +230,7 @@ def test_swag_inference_with_validation(tmp_path):
     out = tmp_path / "swag.pt"
     result = runner.invoke(app, ["finetune", "--prior", str(prior), "--data", str(data), "--out", str(out),
                                  "--inference", "swag", "--samples", "3", "--valid-fraction", "0.34",
-                                 "--epochs", "4", "--lr", "0.05", "--quiet"])
+                                 "--max-epochs", "4", "--lr", "0.05", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "valid accuracy" in result.stdout
     assert torch.load(out, weights_only=True)["samples"]["samples"].shape[0] == 3

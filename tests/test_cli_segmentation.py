@@ -29,7 +29,7 @@ from sklearn_bayes_transfer.modelfile import load_model, save_model
 from sklearn_bayes_transfer.segmenter import IGNORE_TARGET, PriorRegularizedSegmenter
 
 runner = CliRunner()
-SEG_FAST = ["--task", "segmentation", "--epochs", "20", "--lr", "0.05", "--batch-size", "2", "--quiet"]
+SEG_FAST = ["--task", "segmentation", "--min-steps", "150", "--batch-size", "2", "--quiet"]
 NAMES = ["0", "1", "2", "3", "4", "sub/5"]  # one pair in a sub-folder: pairs and outputs keep relative paths
 
 
@@ -94,12 +94,13 @@ def evaluate_json(model: Path, images: Path, masks: Path) -> dict:
 
 # -- the happy path ----------------------------------------------------------------------------------------
 def test_finetune_writes_a_segmenter(seg):
-    assert "3 classes (0, 1, 2), 6 images, 20 epochs" in seg["output"] and "train mIoU" in seg["output"]
+    # The default step budget: the fewest epochs of 3 batches that make --min-steps 150 steps.
+    assert "3 classes (0, 1, 2), 6 images, 50 epochs (150 steps)" in seg["output"] and "train mIoU" in seg["output"]
     estimator = load_model(seg["model"])
     assert isinstance(estimator, PriorRegularizedSegmenter)
     assert estimator.classes_.tolist() == [0, 1, 2] and estimator.ignore_index == 255
     assert torch.load(seg["model"], weights_only=True)["head"]["kind"] == "fcn"
-    assert estimator.get_params()["max_epochs"] == 20 and estimator.get_params()["prior_scale"] == 1.0
+    assert estimator.get_params()["max_epochs"] is None and estimator.get_params()["prior_scale"] == "auto"
     X = read_folder(seg["images"]).astype(np.float32) / 255
     truth = read_folder(seg["masks"])
     # It learned: predicting the background everywhere would score about 0.19.
@@ -189,15 +190,30 @@ def test_absent_class_has_no_iou(seg, tmp_path):
     assert table.exit_code == 0 and "nan" in table.stdout
 
 
-def test_recorded_image_size_and_segmentation_options(tmp_path):
-    """A prior recording 8x8: training at 8x8, masks at the input size; deeplabv3, ignore index, validation."""
+def test_segmentation_keeps_the_image_size_unless_told(tmp_path):
+    """A prior recording 8x8 grey: a segmenter keeps its 12x12 images (fully convolutional) and the prior's
+    normalisation; --image-size resizes."""
     prior = write_prior(tmp_path / "prior.pt")  # records 8x8 grey
     images, masks = write_pairs(tmp_path / "train")
     model = tmp_path / "seg.pt"
     result = runner.invoke(app, ["finetune", "--prior", str(prior), "--data", str(images), "--masks", str(masks),
-                                 "--out", str(model), "--task", "segmentation", "--epochs", "2", "--lr", "0.05",
+                                 "--out", str(model), "--task", "segmentation", "--max-epochs", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    estimator = load_model(model)
+    recorded = Prior.load(prior).meta["preprocess"]
+    assert estimator.preprocess_.image_size is None and estimator.input_shape_ == (1, 12, 12)
+    assert list(estimator.preprocess_.mean) == recorded["mean"] and list(estimator.preprocess_.std) == recorded["std"]
+
+
+def test_image_size_and_segmentation_options(tmp_path):
+    """--image-size 8: training at 8x8, masks at the input size; deeplabv3, ignore index, validation."""
+    prior = write_prior(tmp_path / "prior.pt")  # records 8x8 grey
+    images, masks = write_pairs(tmp_path / "train")
+    model = tmp_path / "seg.pt"
+    result = runner.invoke(app, ["finetune", "--prior", str(prior), "--data", str(images), "--masks", str(masks),
+                                 "--out", str(model), "--task", "segmentation", "--max-epochs", "2", "--lr", "0.05",
                                  "--batch-size", "4", "--head", "deeplabv3", "--ignore-index", "0",
-                                 "--valid-fraction", "0.34"])
+                                 "--valid-fraction", "0.34", "--image-size", "8"])
     assert result.exit_code == 0, result.output
     assert "train_miou" in result.stdout and "valid_miou" in result.stdout  # the per-epoch table
     # 0 is ignored, so the void value 255 is a class like any other.

@@ -54,7 +54,7 @@ def test_tune_prints_every_candidate_and_saves_the_best(tmp_path):
     data = write_folder(tmp_path / "imgs", 4)
     out = tmp_path / "best.pt"
     result = runner.invoke(app, ["tune", "--prior", str(prior), "--data", str(data), "--prior-scale", "1e-2,1e2",
-                                 "--cv", "2", "--epochs", "2", "--lr", "0.05", "--batch-size", "4", "--json",
+                                 "--cv", "2", "--max-epochs", "2", "--lr", "0.05", "--batch-size", "4", "--json",
                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout[:result.stdout.rindex("}") + 1])
@@ -71,7 +71,7 @@ def test_tune_table_output(tmp_path):
     prior = write_prior(tmp_path / "prior.pt")
     data = write_folder(tmp_path / "imgs", 3)
     result = runner.invoke(app, ["tune", "--prior", str(prior), "--data", str(data), "--prior-scale", "1",
-                                 "--cv", "3", "--epochs", "1", "--batch-size", "4"])
+                                 "--cv", "3", "--max-epochs", "1", "--batch-size", "4"])
     assert result.exit_code == 0, result.output
     assert "standard fine-tuning" in result.stdout and "lowrank, scale 1" in result.stdout
     assert "best:" in result.stdout
@@ -86,7 +86,7 @@ def test_tune_table_output(tmp_path):
 def test_tune_bad_input(tmp_path, args, needles):
     prior = write_prior(tmp_path / "prior.pt")
     data = write_folder(tmp_path / "imgs", 3)
-    result = runner.invoke(app, ["tune", "--prior", str(prior), "--data", str(data), "--epochs", "1", *args])
+    result = runner.invoke(app, ["tune", "--prior", str(prior), "--data", str(data), "--max-epochs", "1", *args])
     one_line_error(result, *needles)
 
 
@@ -103,16 +103,16 @@ def test_tune_refuses_existing_output_before_training(tmp_path):
 def test_demo_library_rows():
     prior = fit_digits_prior(epochs=4, width=4, rank=3)
     assert prior.meta["source_task"] == "supervised" and prior.rank == 3
-    rows = digits_transfer_demo(labels_per_class=3, seeds=[0], epochs=2, prior=prior, tune_cv=2)
-    assert [r["variant"] for r in rows] == ["standard fine-tuning", "learned prior (scale 1)",
-                                          "learned prior (tuned)"]
+    rows = digits_transfer_demo(labels_per_class=3, seeds=[0], max_epochs=2, prior=prior, tune_cv=2)
+    assert [r["variant"] for r in rows] == ["standard fine-tuning", "learned prior (default scale)",
+                                          "learned prior (tuned by CV)", "logistic regression on pixels"]
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
-    assert "chosen" in rows[-1]
+    assert "chosen" in rows[2]
 
 
 def test_demo_command_json():
-    result = runner.invoke(app, ["demo", "--labels-per-class", "2", "--epochs", "1", "--source-epochs", "4",
+    result = runner.invoke(app, ["demo", "--labels-per-class", "2", "--max-epochs", "1", "--source-epochs", "4",
                                  "--width", "4", "--rank", "2", "--cv", "2", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout[result.stdout.index("["):])
-    assert len(rows) == 3 and {r["seed"] for r in rows} == {0}
+    assert len(rows) == 4 and {r["seed"] for r in rows} == {0}

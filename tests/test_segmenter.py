@@ -12,12 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.model_selection import GridSearchCV
+from skorch.callbacks import Callback
 from skorch.dataset import ValidSplit
 from torch import nn
 
 from sklearn_bayes_transfer import ConfigError, DataError, Prior
+from sklearn_bayes_transfer.augment import Augment
 from sklearn_bayes_transfer.backbones import get_backbone
-from sklearn_bayes_transfer.bayes import batchnorm_buffers
+from sklearn_bayes_transfer.batchnorm import batchnorm_buffers
 from sklearn_bayes_transfer.data import JointTransform, Preprocess, SegmentationDataset
 from sklearn_bayes_transfer.metrics import mean_iou, miou_scorer
 from sklearn_bayes_transfer.modelfile import load_model, save_model
@@ -165,7 +167,7 @@ def test_standard_finetuning_starts_at_the_prior_mean_without_penalty():
 def test_it_learns_the_rectangles():
     X, masks = make_squares(n=16, seed=0)
     X_test, masks_test = make_squares(n=8, seed=1)
-    seg = fitted(X, masks, max_epochs=40, optimizer__momentum=0.9, prior_scale=1e4, head_weight_decay=1e-3)
+    seg = fitted(X, masks, max_epochs=None, prior_scale=1e4, head_weight_decay=1e-3)  # the default recipe
     before = fitted(X, masks, max_epochs=1, lr=1e-6).score(X_test, masks_test)
     after = seg.score(X_test, masks_test)
     # held-out canvases; an untrained head scores about 0.03-0.3
@@ -268,16 +270,41 @@ def test_augment_pads_with_ignored_pixels_and_only_in_training():
     X, masks = make_squares(n=4)
     crop = JointTransform(crop_size=(16, 14), hflip=False, ignore_index=255,
                           generator=torch.Generator().manual_seed(0))
-    seg = fitted(X, masks, augment=crop, max_epochs=1)
+    seen = []
+
+    class Shapes(Callback):
+        def on_train_begin(self, net, **kwargs):
+            net.module_.register_forward_pre_hook(
+                lambda module, args: seen.append((module.training, tuple(args[0].shape[-2:]))))
+
+    seg = fitted(X, masks, augment=crop, max_epochs=1, callbacks=[("shapes", Shapes())])
+    # Training batches were cropped (padded) to 16 x 14; the BatchNorm update and predict see the images.
+    assert (True, (16, 14)) in seen
+    seen.clear()
+    assert seg.predict(X).shape == (4, 12, 12)
+    assert seen and all(size == (12, 12) for _, size in seen)
+    # The padding is marked as ignored in the encoded masks, whatever ignore_index the transform had.
     Xt, yt = seg._prepare_Xy(X, torch.from_numpy(masks))
-    train, _ = seg.get_split_datasets(Xt, yt)
-    image, mask = train[0]
-    assert tuple(image.shape) == (1, 16, 14) and tuple(mask.shape) == (16, 14)
-    assert (mask[12:] == IGNORE_TARGET).all() and (mask[:, 12:] == IGNORE_TARGET).all()
-    torch.testing.assert_close(mask[:12, :12], yt[0])
+    image, mask = seg._augment_batch(crop, Xt[:1], yt[:1])
+    assert tuple(image.shape) == (1, 1, 16, 14) and tuple(mask.shape) == (1, 16, 14)
+    assert (mask[0, 12:] == IGNORE_TARGET).all() and (mask[0, :, 12:] == IGNORE_TARGET).all()
+    torch.testing.assert_close(mask[0, :12, :12], yt[0])
     small = JointTransform(crop_size=8, generator=torch.Generator().manual_seed(0))
     seg = fitted(X, masks, augment=small, max_epochs=2)
     assert seg.predict(X).shape == (4, 12, 12)
+
+
+def test_light_augmentation_moves_images_and_masks_together():
+    X, masks = make_squares(n=4)
+    seg = fitted(X, masks, max_epochs=1)
+    Xt, yt = seg._prepare_Xy(X, torch.from_numpy(masks))
+    torch.manual_seed(0)
+    images, warped = seg._augment_batch(Augment.LIGHT, Xt, yt)
+    assert images.shape == Xt.shape and warped.shape == yt.shape and warped.dtype == yt.dtype
+    assert not torch.equal(images, Xt)
+    # Each square keeps its class: the warped mask's class-7 pixels are the bright ones of the warped image.
+    bright = images[:, 0] > images[:, 0].mean(dim=(1, 2), keepdim=True)
+    assert float(((warped != 0) == bright).float().mean()) > 0.95
 
 
 def test_crops_of_ignored_pixels_only_do_not_stop_training():
