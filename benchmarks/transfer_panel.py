@@ -40,16 +40,13 @@ most one standard deviation over seeds (the larger of the two compared) below.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +64,12 @@ from sklearn_bayes_transfer import Prior
 from sklearn_bayes_transfer.backbones import backbone_from_meta
 from sklearn_bayes_transfer.cli.app import app
 from sklearn_bayes_transfer.data import load_image_folder, load_segmentation_folder
-from sklearn_bayes_transfer.datasets import load_digits_images, load_fashion_mnist, load_mnist_5k
+from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.metrics import mean_iou
 from sklearn_bayes_transfer.recipe import DEFAULT_BATCH_SIZE, DEFAULT_MIN_STEPS, TrainLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from offline_datasets import load_fashion_mnist, load_mnist_5k, load_nuclei  # noqa: E402
 
 RUNNER = CliRunner()
 TEST_CAP = 2000
@@ -124,29 +124,6 @@ def classification_tasks(fashion_images: int) -> dict[str, dict]:
         "fashion->mnist": {"source": (fashion_X[pick], fashion_y[pick]), "target": (mnist_X, mnist_y)},
         "mnist->digits": {"source": (mnist_X, mnist_y), "target": (digits_X, digits_y)},
     }
-
-
-def nuclei_image(cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The 512x512 nuclei image (uint8) and its instance mask, from the stardist wheel."""
-    names = ("stardist/data/images/img2d.tif", "stardist/data/images/mask2d.tif")
-    spec = importlib.util.find_spec("stardist")  # locates an installed package without importing it
-    if spec is not None and spec.submodule_search_locations:
-        root = Path(list(spec.submodule_search_locations)[0]).parent
-        files = [root / name for name in names]
-    else:
-        cache.mkdir(parents=True, exist_ok=True)
-        wheels = sorted(cache.glob("stardist-*.whl"))
-        if not wheels:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(cache),
-                            "stardist"], check=True)
-            wheels = sorted(cache.glob("stardist-*.whl"))
-        with zipfile.ZipFile(wheels[-1]) as wheel:
-            for name in names:
-                wheel.extract(name, cache)
-        files = [cache / name for name in names]
-    image = np.asarray(Image.open(files[0])).astype(np.float64)
-    mask = np.asarray(Image.open(files[1]))
-    return np.clip(np.rint(image / image.max() * 255), 0, 255).astype(np.uint8), mask
 
 
 def tiles(array: np.ndarray) -> np.ndarray:
@@ -304,7 +281,7 @@ def run_classification(name: str, task: dict, work: Path, shots_list: list[int],
 
 def run_segmentation(work: Path, prior_path: Path, seeds: list[int]) -> dict:
     root = work / "nuclei"
-    image, instances = nuclei_image(work / "cache")
+    image, instances = load_nuclei()
     images, masks = tiles(image), tiles((instances > 0).astype(np.uint8))
     scores: dict[str, list[float]] = {}
     for seed in seeds:
@@ -392,11 +369,13 @@ def main() -> None:
     parser.add_argument("--no-tune", action="store_true", help="skip `tune` (most of the time)")
     parser.add_argument("--quick", action="store_true", help="one seed, 5 labels per class, no tune")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (the CNNs here are tiny: on 2 cores one thread is several times faster)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.shots, args.no_tune = 1, [5], True
     seeds = list(range(args.seeds))
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="transfer_panel_"))
     start = time.perf_counter()
     results: dict = {}

@@ -27,7 +27,7 @@ import torch
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
 from sklearn_bayes_transfer import PriorFitter, PriorRegularizedClassifier
-from sklearn_bayes_transfer.datasets import load_fashion_mnist, load_mnist_5k
+from offline_datasets import load_fashion_mnist, load_mnist_5k
 from sklearn_bayes_transfer.tuning import default_param_grid
 
 

@@ -26,7 +26,7 @@ than several for networks this small)::
 so that a glyph spans about 4x4 cells of the backbone's stride-4 feature maps.
 
 Expect honest, small differences: at this scale the learned prior has matched standard
-fine-tuning within noise (see DESIGN.md), and the printed numbers are what this run measured.
+fine-tuning within noise (see docs/design.md), and the printed numbers are what this run measured.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from sklearn.model_selection import GridSearchCV
 
-from sklearn_bayes_transfer.datasets import load_digits_images, load_fashion_mnist, make_glyph_segmentation
+from offline_datasets import load_fashion_mnist
+from sklearn_bayes_transfer.datasets import load_digits_images, make_glyph_segmentation
 from sklearn_bayes_transfer.fitter import PriorFitter
 from sklearn_bayes_transfer.metrics import miou_scorer
 from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter

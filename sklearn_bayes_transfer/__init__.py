@@ -5,9 +5,8 @@ fine-tune with ``task loss + prior negative log-density`` on a downstream task, 
 scikit-learn estimators (Shwartz-Ziv et al., "Pre-Train Your Loss", NeurIPS 2022).
 """
 
-__version__ = "0.1.0"
-
-from .exceptions import (  # noqa: E402
+from ._version import __version__
+from .exceptions import (
     BayesTransferError,
     ConfigError,
     DataError,
@@ -16,14 +15,14 @@ from .exceptions import (  # noqa: E402
     PriorMismatchError,
     TrainingDivergedError,
 )
-from .prior import Prior, PriorStructure  # noqa: E402
-from ._kernel import Backend  # noqa: E402
-from .penalty import PriorPenalty  # noqa: E402
-from .fitter import PriorFitter  # noqa: E402
-from .classifier import PriorRegularizedClassifier  # noqa: E402
-from .segmenter import PriorRegularizedSegmenter  # noqa: E402
-from .bayes import Inference  # noqa: E402
-from .modelfile import ModelFileError, load_model, save_model  # noqa: E402
+from .prior import Prior, PriorStructure
+from ._kernel import Backend
+from .penalty import PriorPenalty
+from .fitter import PriorFitter
+from .classifier import PriorRegularizedClassifier
+from .segmenter import PriorRegularizedSegmenter
+from .bayes import Inference
+from .modelfile import ModelFileError, load_model, save_model
 
 __all__ = [
     "__version__",

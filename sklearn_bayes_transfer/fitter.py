@@ -4,7 +4,7 @@ The source task is supervised classification (a linear head) or SimCLR self-supe
 augmented views, NT-Xent loss, an MLP projector). The head or projector is trained with the
 backbone but is not part of the prior. After training, the SWAG mean is loaded into the
 backbone, BatchNorm running statistics are recomputed for it on the (unaugmented) source data,
-and the posterior is exported in DESIGN.md's convention ``Sigma = diag(variance) + F^T F``.
+and the posterior is exported in the convention of ``docs/design.md``, ``Sigma = diag(variance) + F^T F``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import v2
 
+from ._version import __version__
 from .backbones import backbone_arguments, backbone_meta, feature_dim_of, get_backbone
 from .data import Preprocess, as_image_tensor, load_image_folder, prepare_images
 from ._validation import check_choice
@@ -714,8 +715,6 @@ class PriorFitter(BaseEstimator):
 
     def _meta(self, net: NeuralNet, backbone: nn.Module, preprocess: Preprocess, classes: np.ndarray | None,
               task: SourceTask, n_examples: int) -> dict[str, Any]:
-        from . import __version__
-
         described = backbone_meta(backbone)
         meta: dict[str, Any] = {}
         if described is None:

@@ -53,6 +53,7 @@ import torch
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
+from ._version import __version__
 from ._io import atomic_torch_save, safe_torch_load
 from .backbones import backbone_from_meta, backbone_meta
 from .data import Preprocess
@@ -162,7 +163,7 @@ def _model_payload(estimator: Any) -> dict[str, Any]:
         "state_dict": {k: v.detach().to("cpu") for k, v in module.state_dict().items()},
         "samples": _plain(extras, "_model_file_extras()", tensors=True) if extras else None,
         "meta": {
-            "library_version": _library_version(),
+            "library_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "optimizer": f"{optimizer.__module__}.{optimizer.__qualname__}" if isinstance(optimizer, type) else None,
             "prior": prior.meta if prior is not None else None,
@@ -387,8 +388,3 @@ def _plain_label(label: Any) -> Any:
                              "use str or int labels")
     return label
 
-
-def _library_version() -> str:
-    from . import __version__
-
-    return __version__

@@ -12,8 +12,8 @@ exactly that second pass). The passes walk the parameters in chunks that stay in
 per-step concatenation of the weights happens and a bfloat16 / float16 factor is upcast chunk by
 chunk. On CPU, with float32 weights and a float32 or bfloat16 factor, both passes run in a small
 compiled kernel (:mod:`._kernel`) that fuses the elementwise work into the read of the factor;
-elsewhere, or without a C compiler, the torch passes do the same arithmetic. See DESIGN.md
-("Computing it fast").
+elsewhere, or without a C compiler, the torch passes do the same arithmetic. See ``docs/design.md``
+("Computing the prior term at the memory floor").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The prior: an immutable Gaussian over a backbone's flattened parameters.
 
-Convention (DESIGN.md): ``Sigma = diag(variance) + factor^T factor`` exactly, with ``factor`` of
+Convention (``docs/design.md``): ``Sigma = diag(variance) + factor^T factor`` exactly, with ``factor`` of
 shape ``(K, D)``. Parameters are flattened in ``backbone.named_parameters()`` order; buffers
 (BatchNorm running statistics) travel beside the distribution, for initialisation only.
 """
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._version import __version__
 from ._io import atomic_torch_save, safe_torch_load
 from ._validation import check_choice
 from .exceptions import ConfigError, PriorFormatError, PriorMismatchError
@@ -398,7 +399,7 @@ class Prior:
         info = {"backbone": getattr(module, "backbone_name", type(module).__name__),
                 "backbone_kwargs": dict(getattr(module, "backbone_kwargs", {}) or {}),
                 "method": "isotropic", "source_task": "given-weights",
-                "library_version": _library_version(), "created": _now()}
+                "library_version": __version__, "created": _now()}
         info.update(dict(meta or {}))
         return cls(mean, torch.full_like(mean, float(variance)), None,
                    names=[n for n, _ in named], shapes=[tuple(p.shape) for _, p in named],
@@ -562,7 +563,7 @@ class Prior:
         factor = (covmat.to(torch.float32) / divisor).contiguous()
         meta = {
             "backbone": backbone, "backbone_kwargs": {}, "method": "swag", "source_task": "official-import",
-            "n_snapshots": None, "rank": k, "library_version": _library_version(), "created": _now(),
+            "n_snapshots": None, "rank": k, "library_version": __version__, "created": _now(),
             "preprocess": {"image_size": [224, 224], "channels": 3,
                            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
             "import": {"prefix": prefix, "factor_normalization": detected.value,
@@ -617,11 +618,6 @@ def _deep_copy_plain(value: Any) -> Any:
         return {k: _deep_copy_plain(v) for k, v in value.items()}
     return value
 
-
-def _library_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _now() -> str:

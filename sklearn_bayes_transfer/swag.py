@@ -6,7 +6,7 @@ loses variances of 1e-8..1e-5 against weights of order 1) and a ring buffer of t
 deviations ``d_t = w_t - mean_t``, where ``mean_t`` is the running mean *after* ``w_t`` was
 included (the deviation from the running mean at collection time, as in Maddox et al., 2019).
 
-:meth:`SwagCollector.to_prior` exports DESIGN.md's convention::
+:meth:`SwagCollector.to_prior` exports the convention of ``docs/design.md``::
 
     variance = 0.5 * clamp(sq_mean - mean**2, min=var_clamp)
     factor   = Dev^T / sqrt(2 (K - 1))          # (K, D), oldest deviation first
@@ -248,7 +248,7 @@ class SwagCollector:
         meta: Mapping[str, Any] | None = None,
         var_clamp: float = 1e-30,
     ) -> Prior:
-        """Export a :class:`~sklearn_bayes_transfer.prior.Prior` in DESIGN.md's convention.
+        """Export a :class:`~sklearn_bayes_transfer.prior.Prior` in the convention of ``docs/design.md``.
 
         ``variance = 0.5 * clamp(diag, var_clamp)``, ``factor = Dev^T / sqrt(2 (K - 1))`` with
         ``K = rank``, so that ``Sigma = diag(variance) + factor^T factor``. Tensors are moved to

@@ -1,6 +1,6 @@
 """Searching the prior scale: grids scaled to the prior, and a readable result table.
 
-Useful prior scales span many orders of magnitude and depend on the prior (DESIGN.md): the
+Useful prior scales span many orders of magnitude and depend on the prior (``docs/design.md``): the
 default grid is ``lambda_0 * 10**k`` around the prior's reference scale
 ``lambda_0 = mean(mean**2) / mean(variance)``, and it always contains standard fine-tuning
 (``prior_structure="none"``), so a search can fall back to it when the prior does not help.

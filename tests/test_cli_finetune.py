@@ -326,6 +326,28 @@ def test_prior_scale_must_be_positive(folders, value):
     assert not folders["out"].exists()
 
 
+@pytest.mark.parametrize("args, needles", [
+    (["--prior-scale", "big"], ["--prior-scale", "'big'", "auto"]),
+    (["--warmup", "1.5"], ["--warmup", "< 1"]),
+    (["--lr", "0"], ["--lr", "> 0"]),
+    (["--early-stopping", "3"], ["--early-stopping", "--valid-fraction"]),
+])
+def test_recipe_options_are_checked_by_name(folders, args, needles):
+    one_line_error(_finetune(folders, *args), *needles)
+    assert not folders["out"].exists()
+
+
+def test_recipe_options_reach_the_estimator(folders):
+    result = _finetune(folders, "--augment", "none", "--lr-schedule", "constant", "--batchnorm", "running",
+                       "--warmup", "0.2", "--prior-scale", "3e3", "--valid-fraction", "0.34", "--early-stopping", "2")
+    assert result.exit_code == 0, result.output
+    estimator = load_model(folders["out"])
+    params = estimator.get_params()
+    assert (params["augment"], params["lr_schedule"], params["batchnorm"], params["warmup"]) == \
+        ("none", "constant", "running", 0.2)
+    assert estimator.prior_scale_ == 3e3 and params["prior_scale"] == 3e3
+
+
 def test_bad_prior_files(folders):
     tmp = folders["tmp"]
     one_line_error(_finetune(folders, prior=tmp / "absent.pt"), str(tmp / "absent.pt"), "does not exist")

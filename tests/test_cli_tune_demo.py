@@ -7,10 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
 from typer.testing import CliRunner
 
 from sklearn_bayes_transfer import Prior
 from sklearn_bayes_transfer.cli.app import app
+from sklearn_bayes_transfer.data import load_image_folder
 from sklearn_bayes_transfer.demo import digits_transfer_demo, fit_digits_prior
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.modelfile import load_model
@@ -65,6 +68,13 @@ def test_tune_prints_every_candidate_and_saves_the_best(tmp_path):
     best = payload["results"][0]
     model = load_model(out)
     assert model.prior_structure == best["params"]["prior_structure"]
+    # Logistic regression on the pixels, cross-validated on the same folds, beside the candidates.
+    X, y = load_image_folder(data, image_size=(8, 8), channels=1)
+    folds = StratifiedKFold(2, shuffle=True, random_state=0)
+    reference = cross_val_score(LogisticRegression(max_iter=2000), X.reshape(len(X), -1), y, cv=folds)
+    baseline, = payload["baselines"]
+    assert "logistic regression" in baseline["name"]
+    assert baseline["mean"] == pytest.approx(reference.mean()) and baseline["std"] == pytest.approx(reference.std())
 
 
 def test_tune_table_output(tmp_path):
@@ -74,7 +84,7 @@ def test_tune_table_output(tmp_path):
                                  "--cv", "3", "--max-epochs", "1", "--batch-size", "4"])
     assert result.exit_code == 0, result.output
     assert "standard fine-tuning" in result.stdout and "lowrank, scale 1" in result.stdout
-    assert "best:" in result.stdout
+    assert "best:" in result.stdout and "logistic regression on the pixels" in result.stdout
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -82,6 +92,8 @@ def test_tune_table_output(tmp_path):
     (["--prior-scale", "1,abc"], ["'abc'", "not a number"]),
     (["--cv", "5"], ["--cv 5", "class"]),
     (["--scoring", "f1"], ["f1"]),
+    (["--structures", "bogus"], ["--structures", "'bogus'"]),
+    (["--warmup", "-0.1"], ["--warmup"]),
 ])
 def test_tune_bad_input(tmp_path, args, needles):
     prior = write_prior(tmp_path / "prior.pt")

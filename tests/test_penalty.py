@@ -1,6 +1,6 @@
 """PriorPenalty against torch.distributions.LowRankMultivariateNormal (float64 reference).
 
-Scaling convention (DESIGN.md): ``Sigma_tilde = lambda * Sigma + eps * I
+Scaling convention (docs/design.md): ``Sigma_tilde = lambda * Sigma + eps * I
 = diag(lambda * variance + eps) + (sqrt(lambda) F)^T (sqrt(lambda) F)``.
 """
 

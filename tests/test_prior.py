@@ -332,7 +332,7 @@ def _check_official_import(prior: Prior, files, rank: int) -> None:
     assert prior.n_params == d and prior.rank == rank
     assert list(prior.names) == files.backbone_names and not any(n.startswith("fc.") for n in prior.names)
     assert torch.equal(prior.mean, files.mean)
-    # Sigma = 0.5 diag(var) + 0.5 C^T C / (K - 1) (DESIGN.md); checked on a 400 x 400 block.
+    # Sigma = 0.5 diag(var) + 0.5 C^T C / (K - 1) (docs/design.md); checked on a 400 x 400 block.
     np.testing.assert_allclose(prior.variance.double().numpy(), 0.5 * diag, rtol=1e-6)
     block = slice(1000, 1400)
     f = prior.factor.double().numpy()[:, block]
