@@ -11,7 +11,8 @@ but a CPU-sized backbone), then per task, labels per class and seed, on PNG fold
 
 - ``finetune --prior prior.pt --data train/`` (the learned prior at its default scale),
 - ``finetune ... --prior-structure none`` (standard fine-tuning through the same recipe),
-- ``tune --prior prior.pt --data train/ --out best.pt`` (the default grid, standard FT included),
+- ``tune --prior prior.pt --data train/ --out best.pt --n-jobs CORES`` (the default grid, standard FT
+  included; ``--n-jobs`` only spreads the seeded fits over the cores),
 - ``evaluate --model M --data test/ --json`` for each of them,
 
 beside logistic regression (scikit-learn's defaults) and 1-nearest-neighbour on the raw pixels, a
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import shutil
 import statistics
@@ -265,7 +267,8 @@ def run_classification(name: str, task: dict, work: Path, shots_list: list[int],
                 row[label] = evaluate(model, test)
             if with_tune:
                 model = root / "tuned.pt"
-                cli("tune", *common, "--out", model, "--json")
+                # --n-jobs only spreads the candidates over the cores: each fit is seeded, results do not change.
+                cli("tune", *common, "--out", model, "--json", "--n-jobs", str(os.cpu_count() or 1))
                 row["tune (defaults), best refitted"] = evaluate(model, test)
             row.update(pixel_baselines(train, test))
             row["linear probe (prior features)"] = linear_probe(prior, train, test)
@@ -376,6 +379,8 @@ def main() -> None:
         args.seeds, args.shots, args.no_tune = 1, [5], True
     seeds = list(range(args.seeds))
     torch.set_num_threads(args.threads)
+    # tune's worker processes start later and read this when they import torch.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="transfer_panel_"))
     start = time.perf_counter()
     results: dict = {}

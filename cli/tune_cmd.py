@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
-import torch
 import typer
 from rich.table import Table
 from sklearn.linear_model import LogisticRegression
@@ -21,7 +20,7 @@ from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.metrics import SCORERS, get_scorer
 from sklearn_bayes_transfer.modelfile import save_model
 from sklearn_bayes_transfer.prior import Prior, PriorStructure
-from sklearn_bayes_transfer.tuning import DEFAULT_DECADES, default_param_grid, results_table
+from sklearn_bayes_transfer.tuning import DEFAULT_DECADES, default_param_grid, results_table, select_index
 
 from ._app import app, check_output, console, handle_errors, resolve_device
 from ._options import (
@@ -45,7 +44,9 @@ from ._options import (
 __all__ = ["tune"]
 
 #: The row of the pixel baseline in the result table.
-PIXEL_BASELINE = "baseline: logistic regression on the pixels"
+PIXEL_BASELINE = "logistic regression (pixels)"
+#: The candidate ``finetune`` would train by default, kept unless another is clearly better.
+FINETUNE_DEFAULT = {"prior_structure": PriorStructure.LOWRANK.value, "prior_scale": "auto"}
 
 
 def _parse_scales(text: str | None) -> list[float] | None:
@@ -123,7 +124,8 @@ def tune(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress spinner.")] = False,
 ) -> None:
     """Grid-search the prior scale by cross-validation with finetune's recipe; print every candidate's mean and
-    spread beside logistic regression on the pixels."""
+    spread beside logistic regression on the pixels. finetune's default candidate is kept unless another beats it
+    by more than one standard error of the fold-by-fold difference."""
     scales = _parse_scales(prior_scale)
     wanted = _parse_structures(structures)
     get_scorer(scoring)
@@ -141,31 +143,42 @@ def tune(
     if counts.min() < cv:
         raise ConfigError(f"--cv {cv} needs at least {cv} images of every class, but class {str(labels[counts.argmin()])!r} "
                           f"has {int(counts.min())}; lower --cv or add images")
-    estimator = PriorRegularizedClassifier(prior_obj, preprocess=preprocess, device=device, verbose=0, **recipe)
+    # Seeded per fit, so every candidate trains the same way whatever the order or --n-jobs.
+    estimator = PriorRegularizedClassifier(prior_obj, preprocess=preprocess, device=device, verbose=0,
+                                           random_state=seed, **recipe)
     folds = StratifiedKFold(cv, shuffle=True, random_state=seed)
+
+    def choose(cv_results: dict) -> int:
+        # finetune's default candidate stays unless another beats it beyond the folds' noise.
+        return select_index(cv_results, FINETUNE_DEFAULT, prior_obj)
+
     search = GridSearchCV(estimator, grid, cv=folds, scoring=get_scorer(scoring), n_jobs=n_jobs,
-                          refit=out is not None, error_score="raise")
+                          refit=choose if out is not None else False, error_score="raise")
     n_candidates = sum(len(g.get("prior_scale", [None])) * len(g["prior_structure"]) for g in grid)
-    torch.manual_seed(seed)
     status = f"fitting {n_candidates} candidates x {cv} folds on {len(y)} images ..."
     with console.status(status, spinner="dots") if not quiet and not as_json else contextlib.nullcontext():
         search.fit(X, y)
         baseline = _pixel_baseline(X, y, folds, scoring)
     rows = results_table(search.cv_results_)
+    chosen = search.cv_results_["params"][choose(search.cv_results_)]
+    for row in rows:
+        row["chosen"] = row["params"] == chosen
+    why = ("finetune's default: no candidate beat it by more than one standard error of the fold-by-fold difference"
+           if chosen != rows[0]["params"] else "the best mean")
     if as_json:
         typer.echo(json.dumps({"scoring": scoring, "reference_scale": prior_obj.reference_scale(), "results": rows,
-                               "baselines": [baseline]}, indent=2))
+                               "chosen": chosen, "baselines": [baseline]}, indent=2))
     else:
         table = Table(title=f"{cv}-fold cross-validated {scoring} (reference scale lambda_0 = "
                             f"{prior_obj.reference_scale():.3g})", title_justify="left")
-        for column in ("rank", "candidate", "mean", "std", "fit s"):
+        for column in ("rank", "candidate", "mean", "std", "fit s", "chosen"):
             table.add_column(column, justify="left" if column == "candidate" else "right")
         for row in rows:
             table.add_row(str(row["rank"]), _describe(row["params"]), f"{row['mean']:.4f}", f"{row['std']:.4f}",
-                          f"{row['fit_time']:.1f}")
-        table.add_row("", baseline["name"], f"{baseline['mean']:.4f}", f"{baseline['std']:.4f}", "")
+                          f"{row['fit_time']:.1f}", "*" if row["chosen"] else "")
+        table.add_row("", baseline["name"], f"{baseline['mean']:.4f}", f"{baseline['std']:.4f}", "", "")
         console.print(table)
-        console.print(f"best: {_describe(search.best_params_)}", highlight=False)
+        console.print(f"chosen: {_describe(chosen)} ({why})", highlight=False)
     if out is not None:
         save_model(search.best_estimator_, out, overwrite=force)
         if not as_json:

@@ -23,7 +23,7 @@ from .datasets import load_digits_images
 from .fitter import PriorFitter
 from .prior import Prior
 from .recipe import DEFAULT_MIN_STEPS
-from .tuning import default_param_grid
+from .tuning import default_param_grid, prefer_default
 
 __all__ = ["fit_digits_prior", "digits_transfer_demo"]
 
@@ -69,7 +69,8 @@ def digits_transfer_demo(
     - ``learned prior (default scale)``: ``prior_scale="auto"``, the estimator's default;
     - ``learned prior (tuned by CV)``: ``prior_scale`` and standard fine-tuning searched together
       by ``tune_cv``-fold cross-validation on the training images only (the default grid of
-      :func:`~sklearn_bayes_transfer.tuning.default_param_grid`);
+      :func:`~sklearn_bayes_transfer.tuning.default_param_grid`, the default candidate kept unless
+      another is clearly better: :func:`~sklearn_bayes_transfer.tuning.prefer_default`);
     - ``logistic regression on pixels``: scikit-learn's defaults on the raw 8 x 8 pixels.
 
     Returns one row per (seed, variant) with the test accuracy.
@@ -90,8 +91,9 @@ def digits_transfer_demo(
         variants = {
             "standard fine-tuning": make(prior_structure="none"),
             "learned prior (default scale)": make(),
-            "learned prior (tuned by CV)": GridSearchCV(make(), default_param_grid(prior),
-                                                        cv=StratifiedKFold(tune_cv, shuffle=True, random_state=seed)),
+            "learned prior (tuned by CV)": GridSearchCV(
+                make(), default_param_grid(prior), cv=StratifiedKFold(tune_cv, shuffle=True, random_state=seed),
+                refit=prefer_default({"prior_structure": "lowrank", "prior_scale": "auto"}, prior)),
             "logistic regression on pixels": LogisticRegression(max_iter=2000),
         }
         for name, estimator in variants.items():

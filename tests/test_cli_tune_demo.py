@@ -8,16 +8,19 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
 from typer.testing import CliRunner
 
 from sklearn_bayes_transfer import Prior
+from sklearn_bayes_transfer.backbones import get_backbone
+from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
 from sklearn_bayes_transfer.cli.app import app
+from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.data import load_image_folder
 from sklearn_bayes_transfer.demo import digits_transfer_demo, fit_digits_prior
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.modelfile import load_model
-from sklearn_bayes_transfer.tuning import default_param_grid, results_table
+from sklearn_bayes_transfer.tuning import default_param_grid, prefer_default, results_table, select_index
 from test_cli_finetune import one_line_error, write_folder, write_prior
 
 runner = CliRunner()
@@ -52,6 +55,43 @@ def test_results_table_sorts_by_rank():
     assert rows[0] == {"params": {"a": 2}, "mean": 0.9, "std": 0.0, "rank": 1, "fit_time": 2.0}
 
 
+def _cv(folds: dict) -> dict:
+    """cv_results_ of candidates given as {prior_scale or "none": [fold scores]}."""
+    params = [{"prior_structure": "none"} if k == "none" else {"prior_structure": "lowrank", "prior_scale": k}
+              for k in folds]
+    scores = np.asarray(list(folds.values()), dtype=float)
+    cv = {"params": params, "mean_test_score": scores.mean(1)}
+    cv.update({f"split{i}_test_score": scores[:, i] for i in range(scores.shape[1])})
+    return cv
+
+
+def test_the_default_candidate_stays_unless_beaten_beyond_fold_noise():
+    prior = Prior.from_module(torch.nn.Linear(3, 2), variance=0.01)
+    auto = prior.reference_scale() * 1e3
+    default = {"prior_structure": "lowrank", "prior_scale": "auto"}
+    # Better on average, but fold by fold the difference is +0.1, -0.05, +0.01: mean 0.02 < its SE 0.044.
+    noisy = _cv({0.5: [0.9, 0.8, 0.81], auto: [0.8, 0.85, 0.8], "none": [0.7, 0.7, 0.7]})
+    assert select_index(noisy, default, prior) == 1
+    # Better in every fold: mean difference 0.05, SE 0.0058.
+    clear = _cv({0.5: [0.85, 0.9, 0.86], auto: [0.8, 0.85, 0.8], "none": [0.7, 0.7, 0.7]})
+    assert select_index(clear, default, prior) == 0
+    # Standard fine-tuning can win the same way.
+    assert select_index(_cv({auto: [0.6, 0.62, 0.61], "none": [0.8, 0.82, 0.85]}), default, prior) == 1
+    # Without the default candidate in the grid, the best mean wins.
+    assert select_index(_cv({0.5: [0.9, 0.8, 0.81], 7.0: [0.8, 0.85, 0.8]}), default, prior) == 0
+    # The rule as GridSearchCV's refit, on real fits.
+    X, y = load_digits_images()
+    search = GridSearchCV(PriorRegularizedClassifier(_small_prior(), max_epochs=1, verbose=0),
+                          default_param_grid(_small_prior(), decades=[0, 3]), cv=2,
+                          refit=prefer_default(default, _small_prior())).fit(X[:40], y[:40])
+    assert search.best_index_ == select_index(search.cv_results_, default, _small_prior())
+
+
+def _small_prior() -> Prior:
+    torch.manual_seed(0)
+    return Prior.from_module(get_backbone("small_cnn", width=4), variance=0.01)
+
+
 def test_tune_prints_every_candidate_and_saves_the_best(tmp_path):
     prior = write_prior(tmp_path / "prior.pt")
     data = write_folder(tmp_path / "imgs", 4)
@@ -65,9 +105,10 @@ def test_tune_prints_every_candidate_and_saves_the_best(tmp_path):
     assert {"prior_structure": "none"} in candidates
     assert sorted(c["prior_scale"] for c in candidates if "prior_scale" in c) == [1e-2, 1e2]
     assert all(0 <= r["mean"] <= 1 and r["std"] >= 0 for r in payload["results"])
-    best = payload["results"][0]
     model = load_model(out)
-    assert model.prior_structure == best["params"]["prior_structure"]
+    chosen = payload["chosen"]
+    assert [r["params"] for r in payload["results"] if r["chosen"]] == [chosen]
+    assert model.prior_structure == chosen["prior_structure"]
     # Logistic regression on the pixels, cross-validated on the same folds, beside the candidates.
     X, y = load_image_folder(data, image_size=(8, 8), channels=1)
     folds = StratifiedKFold(2, shuffle=True, random_state=0)
@@ -84,7 +125,7 @@ def test_tune_table_output(tmp_path):
                                  "--cv", "3", "--max-epochs", "1", "--batch-size", "4"])
     assert result.exit_code == 0, result.output
     assert "standard fine-tuning" in result.stdout and "lowrank, scale 1" in result.stdout
-    assert "best:" in result.stdout and "logistic regression on the pixels" in result.stdout
+    assert "chosen:" in result.stdout and "logistic regression (pixels)" in result.stdout
 
 
 @pytest.mark.parametrize("args, needles", [
