@@ -51,7 +51,9 @@ def make_prior(backbone: nn.Module, rank: int, seed: int = 0) -> Prior:
 
 def hand_written(prior: Prior, X: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, device: str) -> None:
     backbone = get_backbone("resnet18", in_channels=3, small_input=True)
-    torch.nn.utils.vector_to_parameters(prior.mean, list(backbone.parameters()))
+    with torch.no_grad():  # copies, not views of the prior's mean (vector_to_parameters would alias it)
+        for parameter, value in zip(backbone.parameters(), prior.split(prior.mean).values()):
+            parameter.copy_(value)
     model = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, N_CLASSES)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     data = torch.utils.data.TensorDataset(torch.from_numpy(X), torch.from_numpy(y))

@@ -163,7 +163,11 @@ def prior_inputs(prior: Prior, folder: Path) -> tuple[torch.Tensor, np.ndarray]:
 
 def backbone_at_prior_mean(prior: Prior) -> nn.Module:
     backbone = backbone_from_meta(prior.meta)
-    torch.nn.utils.vector_to_parameters(prior.mean.float(), list(backbone.parameters()))
+    with torch.no_grad():
+        # Copies: vector_to_parameters would make the parameters views of the prior's own mean,
+        # and fine-tuning would then change the prior under the next run.
+        for parameter, value in zip(backbone.parameters(), prior.split(prior.mean).values()):
+            parameter.copy_(value)
     backbone.load_state_dict({**backbone.state_dict(), **prior.buffers})
     return backbone
 

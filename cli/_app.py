@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from sklearn_bayes_transfer import __version__
+from sklearn_bayes_transfer._device import resolve_device as _resolve_device
 from sklearn_bayes_transfer.exceptions import BayesTransferError, OutputExistsError
 
 __all__ = ["app", "console", "err_console", "handle_errors", "fail", "resolve_device", "check_output"]
@@ -68,14 +69,8 @@ def check_output(out: Path | None, force: bool) -> None:
 
 
 def resolve_device(device: str) -> str:
-    """Map ``auto`` to ``cuda`` when a GPU is visible, else ``cpu``; check explicit requests."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    return device
+    """``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, checked as the library checks it."""
+    return _resolve_device(device, "--device")
 
 
 def _version_callback(value: bool) -> None:

@@ -9,12 +9,11 @@ and the posterior is exported in the convention of ``docs/design.md``, ``Sigma =
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -35,6 +34,7 @@ from torchvision.transforms import v2
 from ._version import __version__
 from .backbones import backbone_arguments, backbone_meta, feature_dim_of, get_backbone
 from .data import Preprocess, as_image_tensor, load_image_folder, prepare_images
+from ._device import resolve_device, seeded
 from ._validation import check_choice
 from .exceptions import ConfigError, DataError, TrainingDivergedError
 from .optim import optimizer_arguments
@@ -252,34 +252,6 @@ class _FiniteLoss(Callback):
             epoch = len(net.history)
             raise TrainingDivergedError(f"the source training loss became {float(loss.detach())} in epoch {epoch}; "
                                         f"lower lr (now {net.lr}) or swag_lr, or increase batch_size")
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: str) -> Iterator[None]:
-    """Fix torch's RNG for the block (shuffling, initialisation, augmentation), then restore it."""
-    if seed is None:
-        yield
-        return
-    dev = torch.device(device)
-    cuda = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        yield
-
-
-def _resolve_device(device: Any) -> str:
-    if not isinstance(device, (str, torch.device)):
-        raise ConfigError(f"device={device!r} is not valid; expected 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    device = str(device)
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} was asked for but no CUDA GPU is visible; use 'cpu' or 'auto'")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"device={device!r} is not valid; expected 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
-    return device
 
 
 def _check_number(value: Any, name: str, *, low: float, integer: bool = False, strict: bool = False) -> None:
@@ -657,10 +629,10 @@ class PriorFitter(BaseEstimator):
             If training is interrupted (Ctrl-C); no prior is exported.
         """
         task = self._validate_params()
-        device = _resolve_device(self.device)
+        device = resolve_device(self.device)
         for attr in ("prior_", "history_", "net_", "backbone_", "preprocess_", "classes_"):
             self.__dict__.pop(attr, None)
-        with _seeded(self.seed, device):
+        with seeded(self.seed, device):
             clean, preprocess, classes = self._prepare_data(X, y, task)
             example = torch.stack([clean[i][0] for i in range(min(2, len(clean)))])
             backbone, dim = self._build_backbone(preprocess, example)

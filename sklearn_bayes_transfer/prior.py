@@ -211,7 +211,12 @@ class Prior:
     # -- read-only views -------------------------------------------------------------------
     @property
     def mean(self) -> torch.Tensor:
-        """Centre of the prior, float32 of shape (D,)."""
+        """Centre of the prior, float32 of shape (D,).
+
+        The prior's own tensor, not a copy: copy it before anything may write into it
+        (``torch.nn.utils.vector_to_parameters(prior.mean, ...)`` makes the parameters views of it,
+        so training would change the prior).
+        """
         return self._mean
 
     @property

@@ -21,7 +21,6 @@ each fit with it (:attr:`training_plan_`) and applies the augmentation in :meth:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from enum import Enum
@@ -39,6 +38,7 @@ from .augment import Augment, augment_batch, check_augment
 from .backbones import backbone_from_meta
 from .bayes import BayesianInferenceMixin, Inference
 from .data import Preprocess, TransformedDataset, prepare_images
+from ._device import resolve_device, seeded
 from ._validation import check_choice
 from .exceptions import ConfigError, DataError, PriorMismatchError, TrainingDivergedError
 from .penalty import PriorPenalty
@@ -224,7 +224,7 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         # skorch's fit calls partial_fit, which must not prepare the data a second time.
         self._in_fit_ = True
         try:
-            with _seeded(getattr(self, "random_state", None)):
+            with seeded(getattr(self, "random_state", None), resolve_device(self.device)):
                 return super().fit(Xt, yt, **fit_params)
         finally:
             del self._in_fit_
@@ -259,6 +259,14 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
     def _fit_inputs(self, X: Any, y: Any) -> tuple[Any, Any]:
         """Hook: checks and unpacking of ``(X, y)`` before validation (identity by default)."""
         return X, y
+
+    def initialize(self):
+        """skorch's initialisation, with ``device="auto"`` resolved first (to ``"cuda"`` when a GPU is
+        visible, else ``"cpu"``): skorch places tensors with ``device`` itself, and rewrites it the same
+        way when it loads a net on a machine without CUDA."""
+        if isinstance(self.device, str) and self.device == "auto":
+            self.device = resolve_device("auto")
+        return super().initialize()
 
     def initialize_module(self):
         """Build the default module (prior's backbone + new head) or the user's, then bind the prior."""
@@ -472,20 +480,6 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def _seeded(random_state: Any) -> contextlib.AbstractContextManager:
-    """Seed torch's CPU generator for a block and restore it afterwards (no-op for ``None``)."""
-    if random_state is None:
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def block():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(random_state))
-            yield
-
-    return block()
-
-
 def _factor_dtype(value: Any) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
