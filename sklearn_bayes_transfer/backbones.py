@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ._io import safe_torch_load
+from ._validation import mismatch_report, plain
 from .exceptions import ConfigError
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-_PLAIN = (str, int, float, bool, type(None))
 
 
 class ResNetBackbone(ResNet):
@@ -249,7 +249,7 @@ def get_backbone(name: str, **kwargs: Any) -> nn.Module:
         raise ConfigError(f"unknown backbone {name!r}; registered backbones are {', '.join(list_backbones())} "
                           "(or pass an nn.Module, or register one with register_backbone)")
     builder = _REGISTRY[name]
-    _check_kwargs(name, kwargs)
+    kwargs = _checked_kwargs(name, kwargs)
     module = builder(**kwargs)
     if not isinstance(module, nn.Module):
         raise ConfigError(f"builder of backbone {name!r} returned {type(module).__name__}, expected an nn.Module")
@@ -332,31 +332,25 @@ def feature_dim_of(module: nn.Module, example: torch.Tensor | None = None) -> in
     return int(out.shape[1])
 
 
-def _check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+def _checked_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments as plain python (numpy and torch scalars become numbers), checked against the builder."""
+    checked = {}
     for key, value in kwargs.items():
         if key == "weights":
+            checked[key] = value
             continue
-        if not _is_plain(value):
+        try:
+            checked[key] = plain(value, key)
+        except ConfigError:
             raise ConfigError(f"backbone argument {key}={value!r} is a {type(value).__name__}; backbone arguments "
                               "are stored in prior files and must be plain python (str, int, float, bool, None, "
-                              "lists and dicts of them)")
+                              "lists and dicts of them)") from None
     accepted = backbone_arguments(name)
-    if accepted is None:
-        return
-    unknown = sorted(set(kwargs) - set(accepted))
+    unknown = sorted(set(kwargs) - set(accepted)) if accepted is not None else []
     if unknown:
         raise ConfigError(f"backbone {name!r} does not accept {', '.join(unknown)}; "
                           f"its arguments are {', '.join(accepted) or '(none)'}")
-
-
-def _is_plain(value: Any) -> bool:
-    if isinstance(value, _PLAIN):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
+    return checked
 
 
 # -- torchvision ResNets ------------------------------------------------------------------------
@@ -379,24 +373,15 @@ def _load_torchvision_weights(module: ResNetBackbone, path: str | os.PathLike, n
                 key = key[len(prefix):]
         if not key.startswith("fc."):
             cleaned[key] = value
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in cleaned]
-    unexpected = [k for k in cleaned if k not in expected]
-    wrong = [(k, tuple(cleaned[k].shape), tuple(v.shape)) for k, v in expected.items()
-             if k in cleaned and tuple(cleaned[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:5])}")
-        if wrong:
-            parts.append("shape mismatch: " + "; ".join(f"{k}: file {a} vs model {b}" for k, a, b in wrong[:5]))
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    report = mismatch_report(expected, {k: v.shape for k, v in cleaned.items()}, expected_name="model",
+                             found_name="file")
+    if report is not None:
         hint = ""
-        if any(k == "conv1.weight" for k, _, _ in wrong):
+        if "conv1.weight" in cleaned and tuple(cleaned["conv1.weight"].shape) != tuple(expected["conv1.weight"]):
             hint = (" (conv1 differs: was the file made with another in_channels or stem? torchvision's "
                     "ImageNet weights need in_channels=3, small_input=False)")
-        raise ConfigError(f"backbone weights file '{path}' does not fit {name}: " + "; ".join(parts) + hint)
+        raise ConfigError(f"backbone weights file '{path}' does not fit {name}: tensors {report}{hint}")
     module.load_state_dict(cleaned, strict=True)
 
 

@@ -57,6 +57,7 @@ from ._version import __version__
 from ._io import atomic_torch_save, safe_torch_load
 from .backbones import backbone_from_meta, backbone_meta
 from .data import Preprocess
+from ._validation import mismatch_report, plain
 from .exceptions import BayesTransferError, PriorFormatError
 from .prior import FORMAT_NAME as PRIOR_FORMAT_NAME
 from .regularized import BackboneWithHead
@@ -78,7 +79,6 @@ _ESTIMATOR_MODULES: dict[str, str] = {
 _NOT_HYPERPARAMETERS = frozenset({"prior", "module", "device", "classes"})
 # Fitted attributes (besides classes_ and preprocess_) that a rebuilt estimator gets back.
 _FITTED_ATTRIBUTES = ("n_features_in_", "input_shape_", "n_train_", "prior_scale_")
-_PLAIN = (str, int, float, bool, type(None))
 
 
 class ModelFileError(PriorFormatError):
@@ -326,21 +326,11 @@ def _linear_head(spec: dict[str, Any], source: str) -> nn.Module:
 
 def _load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """``load_state_dict(strict=True)`` with a short message listing what does not fit."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs network {tuple(v.shape)}"
-             for k, v in own.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing tensor(s): {', '.join(missing[:5])}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:5])}")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatch(es): {'; '.join(wrong[:5])}")
-        raise ModelFileError(f"model file '{source}': the weights do not fit the network it describes: "
-                             + "; ".join(parts))
+    report = mismatch_report({k: v.shape for k, v in module.state_dict().items()},
+                             {k: v.shape for k, v in state.items()}, expected_name="network", found_name="file")
+    if report is not None:
+        raise ModelFileError(f"model file '{source}': the weights do not fit the network it describes: tensors "
+                             f"{report}")
     module.load_state_dict(state, strict=True)
 
 
@@ -362,23 +352,7 @@ def _restorable_hyperparameters(cls: type, stored: dict[str, Any], source: str) 
 # -- plain values -----------------------------------------------------------------------------------
 def _plain(value: Any, where: str, *, tensors: bool = False) -> Any:
     """``value`` as plain python (and, with ``tensors``, CPU tensors), so ``weights_only`` loads it."""
-    if isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, Enum):
-        return _plain(value.value, where, tensors=tensors)
-    if isinstance(value, np.generic):
-        return value.item()
-    if tensors and isinstance(value, torch.Tensor):
-        return value.detach().to("cpu")
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{where}[{i}]", tensors=tensors) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        if not all(isinstance(k, str) for k in value):
-            raise ModelFileError(f"{where} has non-string keys; a model file stores dicts with string keys only")
-        return {k: _plain(v, f"{where}[{k!r}]", tensors=tensors) for k, v in value.items()}
-    raise ModelFileError(f"{where} holds a {type(value).__name__}; a model file stores only "
-                         f"{'tensors and ' if tensors else ''}plain python (str, int, float, bool, None, lists "
-                         "and dicts of them)")
+    return plain(value, where, error=ModelFileError, tensors=tensors)
 
 
 def _plain_label(label: Any) -> Any:

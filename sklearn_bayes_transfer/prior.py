@@ -21,7 +21,7 @@ from torch import nn
 
 from ._version import __version__
 from ._io import atomic_torch_save, safe_torch_load
-from ._validation import check_choice
+from ._validation import check_choice, mismatch_report, plain
 from .exceptions import ConfigError, PriorFormatError, PriorMismatchError
 
 __all__ = [
@@ -101,23 +101,12 @@ def named_parameters_for(prior: "Prior", module: nn.Module) -> list[tuple[str, n
         nested = {n[len("backbone."):]: p for n, p in available.items() if n.startswith("backbone.")}
         if nested and sum(n in nested for n in prior.names) > sum(n in available for n in prior.names):
             available = nested
-    missing = [n for n in prior.names if n not in available]
-    wrong = [
-        (n, tuple(s), tuple(available[n].shape))
-        for n, s in zip(prior.names, prior.shapes)
-        if n in available and tuple(available[n].shape) != tuple(s)
-    ]
-    if missing or wrong:
-        parts = []
-        if missing:
-            sample = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-            parts.append(f"{len(missing)} prior parameter(s) not found in the module: {sample}")
-        if wrong:
-            sample = "; ".join(f"{n}: prior {s} vs module {m}" for n, s, m in wrong[:5])
-            parts.append(f"{len(wrong)} shape mismatch(es): {sample}")
+    report = mismatch_report(dict(zip(prior.names, prior.shapes)), {n: p.shape for n, p in available.items()},
+                             expected_name="prior", found_name="module", unexpected=False)
+    if report is not None:
         hint = f" (prior backbone: {prior.meta.get('backbone', 'unknown')!r}; module parameters start with " \
                f"{', '.join(list(available)[:3])})"
-        raise PriorMismatchError("prior does not fit the module: " + "; ".join(parts) + hint)
+        raise PriorMismatchError(f"prior does not fit the module: prior parameters {report}{hint}")
     return [(n, available[n]) for n in prior.names]
 
 
@@ -206,7 +195,7 @@ class Prior:
         self._names = names
         self._shapes = shapes
         self._buffers = {str(k): _as_tensor(v, f"buffers[{k!r}]") for k, v in dict(buffers or {}).items()}
-        self._meta = _plain(dict(meta or {}), "meta")
+        self._meta = plain(dict(meta or {}), "meta", error=PriorFormatError)
 
     # -- read-only views -------------------------------------------------------------------
     @property
@@ -595,25 +584,6 @@ def _as_tensor(t: Any, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise PriorFormatError(f"{name} must be a torch.Tensor, found {type(t).__name__}")
     return t
-
-
-_PLAIN = (str, int, float, bool, type(None))
-
-
-def _plain(value: Any, where: str) -> Any:
-    """Check that ``value`` is made of plain python containers (so weights_only loading works)."""
-    if isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        return {str(k): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, Enum):
-        return _plain(value.value, where)
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
-        return value.item()
-    raise PriorFormatError(f"{where} holds a {type(value).__name__}; metadata must be plain python "
-                           "(str, int, float, bool, None, lists and dicts of them)")
 
 
 def _deep_copy_plain(value: Any) -> Any:
