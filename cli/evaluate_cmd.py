@@ -15,8 +15,10 @@ from rich.table import Table
 from sklearn_bayes_transfer.data import ImageFolder, load_segmentation_folder
 from sklearn_bayes_transfer.exceptions import ConfigError, DataError
 from sklearn_bayes_transfer.metrics import (
+    IGNORE_TARGET,
     accuracy,
     brier_score,
+    encode_masks,
     expected_calibration_error,
     mean_iou,
     negative_log_likelihood,
@@ -41,8 +43,6 @@ __all__ = ["evaluate", "segmentation_scores", "true_class_indices"]
 
 #: Equal-width confidence bins of the ECE when ``--bins`` is not given.
 DEFAULT_BINS = 15
-#: Class index of ignored pixels for the segmentation metrics (outside ``0..n_classes-1``).
-_IGNORED = -1
 
 
 def true_class_indices(folder_classes: list[str], targets: np.ndarray, model_classes: np.ndarray,
@@ -100,29 +100,6 @@ def _evaluation_size(estimator: PriorRegularizedSegmenter, paths: list[Path], da
     return preprocess.image_size
 
 
-def _positions(values: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The index in ``classes`` of each value, and whether the value is one of ``classes`` at all."""
-    order = np.argsort(classes, kind="stable")
-    index = order[np.minimum(np.searchsorted(classes, values, sorter=order), len(classes) - 1)]
-    return index, classes[index] == values
-
-
-def _class_indices(masks: np.ndarray, classes: np.ndarray, ignore_index: int | None, paths: list[Path],
-                   masks_dir: Path) -> np.ndarray:
-    """Mask values -> indices of ``classes``, ignored pixels -> ``_IGNORED``; other values are refused."""
-    index, known = _positions(masks, classes)
-    unknown = ~known if ignore_index is None else ~known & (masks != ignore_index)
-    if unknown.any():
-        image = int(np.argwhere(unknown)[0][0])
-        value = int(masks[image][unknown[image]][0])
-        ignored = "" if ignore_index is None else f" and not its ignore_index ({ignore_index})"
-        fix = "" if ignore_index is None else f", or set such pixels to {ignore_index}"
-        raise DataError(f"the mask of image '{paths[image]}' (in '{masks_dir}') holds the value {value}, which is "
-                        f"not one of the model's classes {classes.tolist()}{ignored}; evaluate a model trained "
-                        f"with that class{fix}")
-    return np.where(known, index, _IGNORED)
-
-
 def segmentation_scores(estimator: PriorRegularizedSegmenter, data: Path, masks: Path) -> dict[str, Any]:
     """Mean IoU, pixel accuracy and per-class IoU (NaN where a class is absent from both the truth
     and the prediction) of ``estimator`` on the images in ``data`` and their masks in ``masks``.
@@ -137,18 +114,18 @@ def segmentation_scores(estimator: PriorRegularizedSegmenter, data: Path, masks:
     X, truth = load_segmentation_folder(data, masks, image_size=size, channels=model_channels(estimator))
     classes = np.asarray(estimator.classes_)
     ignore_index = estimator.ignore_index
-    truth = _class_indices(truth, classes, ignore_index, paths, masks)
-    predicted, _ = _positions(np.concatenate([estimator.predict(X[start:start + MASK_CHUNK])
-                                              for start in range(0, len(X), MASK_CHUNK)]), classes)
+    truth = encode_masks(truth, classes, ignore_index, where=lambda n: f"the mask of image '{paths[n]}' (in '{masks}')")
+    predicted = encode_masks(np.concatenate([estimator.predict(X[start:start + MASK_CHUNK])
+                                             for start in range(0, len(X), MASK_CHUNK)]), classes)
     args = (truth, predicted, len(classes))
     return {
         "data": str(data), "masks": str(masks), "n_images": len(X),
         "resized_to": None if size is None else list(size),
         "classes": classes.tolist(), "ignore_index": ignore_index,
-        "mean_iou": mean_iou(*args, ignore_index=_IGNORED),
-        "pixel_accuracy": pixel_accuracy(*args, ignore_index=_IGNORED),
+        "mean_iou": mean_iou(*args, ignore_index=IGNORE_TARGET),
+        "pixel_accuracy": pixel_accuracy(*args, ignore_index=IGNORE_TARGET),
         "per_class_iou": {str(c): float(v) for c, v in zip(classes.tolist(), per_class_iou(*args,
-                                                                                         ignore_index=_IGNORED))},
+                                                                                         ignore_index=IGNORE_TARGET))},
     }
 
 

@@ -11,8 +11,8 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import torch
 import typer
-from skorch.callbacks import Callback, EarlyStopping, EpochScoring, ProgressBar
-from skorch.dataset import ValidSplit, unpack_data
+from skorch.callbacks import EarlyStopping, EpochScoring, ProgressBar
+from skorch.dataset import ValidSplit
 
 from sklearn_bayes_transfer.bayes import Inference
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier, index_accuracy
@@ -20,7 +20,7 @@ from sklearn_bayes_transfer.data import load_image_folder, load_segmentation_fol
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.modelfile import save_model
 from sklearn_bayes_transfer.prior import Prior, PriorStructure
-from sklearn_bayes_transfer.segmenter import IGNORE_TARGET, PriorRegularizedSegmenter, SegmentationHead
+from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter, SegmentationHead
 
 from ._app import app, check_output, console, handle_errors, resolve_device
 from ._options import (
@@ -119,50 +119,6 @@ def _split(task: Task, y: np.ndarray, fraction: float, seed: int) -> ValidSplit 
     return ValidSplit(fraction, stratified=task is Task.CLASSIFICATION, random_state=seed)
 
 
-class _EpochMeanIoU(Callback):
-    """Mean IoU of one epoch's training (or validation) batches, recorded as ``train_miou``
-    (``valid_miou``).
-
-    It sums a pixel confusion matrix over the logits each step has already computed, so there is
-    no second pass over the data and no logits are cached (they would be N x classes x H x W).
-    Training batches are scored as the network saw them, in training mode, as skorch's cached
-    ``EpochScoring`` scores them.
-    """
-
-    def __init__(self, on_train: bool) -> None:
-        self.on_train = on_train
-
-    def on_epoch_begin(self, net: Any, **kwargs: Any) -> None:
-        self.confusion_: torch.Tensor | None = None
-
-    def on_batch_end(self, net: Any, batch: Any = None, training: bool = False, y_pred: Any = None,
-                     **kwargs: Any) -> None:
-        if training != self.on_train or y_pred is None:
-            return
-        _, truth = unpack_data(batch)
-        n = len(net.classes_)
-        with torch.no_grad():
-            if y_pred.shape[-2:] != truth.shape[-2:]:
-                y_pred = torch.nn.functional.interpolate(y_pred, size=tuple(truth.shape[-2:]), mode="bilinear",
-                                                         align_corners=False)
-            predicted = y_pred.argmax(dim=1)
-            truth = truth.to(predicted.device)
-            counted = truth != IGNORE_TARGET
-            counts = torch.bincount(truth[counted] * n + predicted[counted], minlength=n * n).reshape(n, n)
-        self.confusion_ = counts if self.confusion_ is None else self.confusion_ + counts
-
-    def on_epoch_end(self, net: Any, **kwargs: Any) -> None:
-        if self.confusion_ is None:
-            return
-        confusion = self.confusion_.double().cpu().numpy()
-        hits = np.diag(confusion)
-        union = confusion.sum(axis=0) + confusion.sum(axis=1) - hits
-        # Classes absent from both truth and prediction have no IoU and are left out of the mean.
-        present = union > 0
-        value = float(np.mean(hits[present] / union[present])) if present.any() else float("nan")
-        net.history.record(f"{'train' if self.on_train else 'valid'}_miou", value)
-
-
 def _shared_kwargs(*, preprocess: Any, split: ValidSplit | None, quiet: bool, early_stopping: int | None,
                    scores: list[tuple[str, Any]], **params: Any) -> dict[str, Any]:
     """Keyword arguments both estimators take: preprocessing, split, logging, hyperparameters.
@@ -182,12 +138,10 @@ def _estimator(task: Task, prior: Prior, *, ignore_index: int | None, head: Segm
                split: ValidSplit | None, **options: Any) -> PriorRegularizedClassifier | PriorRegularizedSegmenter:
     """The task's estimator; ``options`` are those of :func:`_shared_kwargs`."""
     if task is Task.SEGMENTATION:
-        scores: list[tuple[str, Any]] = [("train_miou", _EpochMeanIoU(on_train=True))]
-        if split is not None:
-            scores.append(("valid_miou", _EpochMeanIoU(on_train=False)))
+        # The segmenter logs train_miou (and valid_miou) itself.
         return PriorRegularizedSegmenter(
             prior, ignore_index=DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index,
-            head=(head or SegmentationHead.FCN).value, **_shared_kwargs(split=split, scores=scores, **options))
+            head=(head or SegmentationHead.FCN).value, **_shared_kwargs(split=split, scores=[], **options))
     # The validation accuracy is a default callback of skorch's classifier.
     scores = [("train_accuracy", EpochScoring(index_accuracy, on_train=True, name="train_acc",
                                               lower_is_better=False))]

@@ -51,7 +51,14 @@ __all__ = [
     "pixel_accuracy_scorer",
     "reliability_diagram",
     "segmentation_confusion_matrix",
+    "IGNORE_TARGET",
+    "encode_masks",
+    "iou_from_confusion",
+    "mean_iou_from_confusion",
 ]
+
+#: Index of ignored pixels in encoded masks: ``nn.CrossEntropyLoss``'s default ``ignore_index``.
+IGNORE_TARGET = -100
 
 # Rows of float16/float32 softmax outputs sum to 1 only up to rounding; logits or unnormalised
 # scores are off by far more than this.
@@ -126,21 +133,24 @@ def _check_classes(classes: Any, n_classes: int) -> np.ndarray:
     return c
 
 
-def _label_indices(y: np.ndarray, classes: np.ndarray, *, what: str = "y_true", default: bool = False) -> np.ndarray:
-    """Map labels to column indices; raise naming the first label not in ``classes``."""
-    y = _as_array(y)
+def _positions(y: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The index in ``classes`` of every value of ``y``, and whether the value is in ``classes`` at all."""
     if y.dtype.kind in _NUMERIC_KINDS and classes.dtype.kind in _NUMERIC_KINDS:
         # Sorted look-up: fast enough for segmentation masks with millions of pixels.
         order = np.argsort(classes, kind="stable")
         ordered = classes[order]
         pos = np.minimum(np.searchsorted(ordered, y), len(ordered) - 1)
-        found = ordered[pos] == y
-        idx = order[pos]
-    else:
-        lookup = {c: i for i, c in enumerate(classes.tolist())}
-        flat = np.fromiter((lookup.get(v, -1) for v in y.ravel().tolist()), dtype=np.int64, count=y.size)
-        idx = flat.reshape(y.shape)
-        found = idx >= 0
+        return order[pos], ordered[pos] == y
+    lookup = {c: i for i, c in enumerate(classes.tolist())}
+    flat = np.fromiter((lookup.get(v, -1) for v in y.ravel().tolist()), dtype=np.int64, count=y.size)
+    idx = flat.reshape(y.shape)
+    return idx, idx >= 0
+
+
+def _label_indices(y: np.ndarray, classes: np.ndarray, *, what: str = "y_true", default: bool = False) -> np.ndarray:
+    """Map labels to column indices; raise naming the first label not in ``classes``."""
+    y = _as_array(y)
+    idx, found = _positions(y, classes)
     if not found.all():
         first = y[~found].ravel()[0]
         first = first.item() if hasattr(first, "item") else first
@@ -551,6 +561,33 @@ def _confusion_from_indices(t: np.ndarray, p: np.ndarray, n_classes: int) -> np.
     return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
+def encode_masks(masks: Any, classes: Any, ignore_index: int | None = None, *,
+                 where: Callable[[int], str] = lambda n: f"mask {n}") -> np.ndarray:
+    """Mask values -> indices of ``classes``, ``ignore_index`` -> :data:`IGNORE_TARGET`.
+
+    Any other value is refused with a :class:`DataError` naming it, where it first occurs
+    (``where(n)`` describes mask ``n``: ``"y[3]"``, a file name) and what to do.
+
+    Examples
+    --------
+    >>> encode_masks(np.array([[[0, 7, 255]]]), [0, 7], ignore_index=255).tolist()
+    [[[0, 1, -100]]]
+    """
+    masks, classes = _as_array(masks), _as_array(classes)
+    index, known = _positions(masks, classes)
+    ignored = masks == ignore_index if ignore_index is not None else np.zeros(masks.shape, dtype=bool)
+    unknown = ~known & ~ignored
+    if unknown.any():
+        n, *position = (int(v) for v in np.argwhere(unknown)[0])
+        at = f" (row {position[-2]}, column {position[-1]})" if len(position) >= 2 else ""
+        value = masks[unknown].ravel()[0]
+        nor = f" nor ignore_index={ignore_index}" if ignore_index is not None else ""
+        raise DataError(f"{where(n)} holds the value {value.item() if hasattr(value, 'item') else value}{at}, which "
+                        f"is not one of the classes {_preview(classes)}{nor}; list every class id in classes, or "
+                        "mark such pixels with ignore_index")
+    return np.where(ignored, IGNORE_TARGET, index).astype(np.int64)
+
+
 def segmentation_confusion_matrix(
     y_true: Any, y_pred: Any, n_classes: int, *, ignore_index: int | None = 255
 ) -> np.ndarray:
@@ -598,15 +635,31 @@ def segmentation_confusion_matrix(
     return _confusion_from_indices(t, p, n)
 
 
-def _iou_from_confusion(cm: np.ndarray) -> np.ndarray:
+def iou_from_confusion(cm: Any) -> np.ndarray:
+    """Per-class IoU ``C[i, i] / (row i + column i - C[i, i])`` of a confusion matrix; NaN for a
+    class absent from both truth and prediction.
+
+    Examples
+    --------
+    >>> iou_from_confusion(np.array([[2, 1], [0, 0]])).round(3).tolist()
+    [0.667, 0.0]
+    """
+    cm = _as_array(cm)
     tp = np.diag(cm).astype(np.float64)
     union = cm.sum(axis=0) + cm.sum(axis=1) - np.diag(cm)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, tp / union, np.nan)
 
 
-def _mean_iou_from_confusion(cm: np.ndarray) -> float:
-    iou = _iou_from_confusion(cm)
+def mean_iou_from_confusion(cm: Any) -> float:
+    """Mean of :func:`iou_from_confusion` over the classes present in truth or prediction.
+
+    Raises
+    ------
+    DataError
+        If the matrix counts no pixel.
+    """
+    iou = iou_from_confusion(cm)
     if np.isnan(iou).all():
         raise DataError("no pixel was counted (every pixel of y_true is ignore_index); mean IoU is undefined")
     return float(np.nanmean(iou))
@@ -643,7 +696,7 @@ def per_class_iou(y_true: Any, y_pred: Any, n_classes: int, *, ignore_index: int
     >>> per_class_iou([[0, 0, 1]], [[0, 1, 1]], 3).tolist()
     [0.5, 0.5, nan]
     """
-    return _iou_from_confusion(segmentation_confusion_matrix(y_true, y_pred, n_classes, ignore_index=ignore_index))
+    return iou_from_confusion(segmentation_confusion_matrix(y_true, y_pred, n_classes, ignore_index=ignore_index))
 
 
 def mean_iou(y_true: Any, y_pred: Any, n_classes: int, *, ignore_index: int | None = 255) -> float:
@@ -676,7 +729,7 @@ def mean_iou(y_true: Any, y_pred: Any, n_classes: int, *, ignore_index: int | No
     >>> mean_iou([[0, 0, 1]], [[0, 1, 1]], 3)
     0.5
     """
-    return _mean_iou_from_confusion(segmentation_confusion_matrix(y_true, y_pred, n_classes, ignore_index=ignore_index))
+    return mean_iou_from_confusion(segmentation_confusion_matrix(y_true, y_pred, n_classes, ignore_index=ignore_index))
 
 
 def pixel_accuracy(y_true: Any, y_pred: Any, n_classes: int, *, ignore_index: int | None = 255) -> float:
@@ -785,7 +838,7 @@ accuracy_scorer = _PredictScorer(accuracy, "accuracy")
 nll_scorer = _ProbaScorer(negative_log_likelihood, "neg_nll")
 ece_scorer = _ProbaScorer(expected_calibration_error, "neg_ece")
 brier_scorer = _ProbaScorer(brier_score, "neg_brier")
-miou_scorer = _SegmentationScorer(_mean_iou_from_confusion, "miou")
+miou_scorer = _SegmentationScorer(mean_iou_from_confusion, "miou")
 pixel_accuracy_scorer = _SegmentationScorer(_pixel_accuracy_from_confusion, "pixel_accuracy")
 
 #: Scorers by name, for ``GridSearchCV(scoring=...)`` and the CLI. Greater is better for all:

@@ -22,18 +22,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from skorch import NeuralNet
-from skorch.dataset import ValidSplit
+from skorch.callbacks import Callback
+from skorch.dataset import ValidSplit, unpack_data
 from torch import nn
 
 from .augment import augment_batch
 from .data import JointTransform, as_image_tensor, as_mask_tensor, resize_masks
 from .exceptions import ConfigError, DataError
-from .metrics import miou_scorer
+from .metrics import IGNORE_TARGET, encode_masks, mean_iou_from_confusion, miou_scorer
 from ._validation import check_choice
 from .recipe import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MIN_STEPS, DEFAULT_WARMUP, TrainLoader
 from .regularized import BackboneWithHead, PriorRegularizedMixin, _as_numpy
 
 __all__ = [
+    "EpochMeanIoU",
     "IGNORE_TARGET",
     "DeepLabV3Head",
     "FCNHead",
@@ -43,8 +45,6 @@ __all__ = [
     "build_segmentation_head",
 ]
 
-#: Value of ignored pixels in encoded targets (``nn.CrossEntropyLoss``'s default ``ignore_index``).
-IGNORE_TARGET = -100
 
 
 class SegmentationHead(str, Enum):
@@ -191,6 +191,50 @@ def _resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+class EpochMeanIoU(Callback):
+    """Mean IoU of one epoch's training (or validation) batches, recorded as ``train_miou``
+    (``valid_miou``) in ``history``.
+
+    It sums a pixel confusion matrix over the logits each step has already computed: no second
+    pass over the data, and no logits kept (they would be N x classes x H x W). Training batches are
+    scored as the network saw them, in training mode and augmented, as skorch's cached
+    ``EpochScoring`` scores them. Classes absent from both truth and prediction are left out of the
+    mean (:func:`~sklearn_bayes_transfer.metrics.mean_iou_from_confusion`).
+
+    Parameters
+    ----------
+    on_train : bool
+        Score the training batches (``train_miou``), else the validation batches (``valid_miou``).
+    """
+
+    def __init__(self, on_train: bool) -> None:
+        self.on_train = on_train
+
+    def on_epoch_begin(self, net: Any, **kwargs: Any) -> None:
+        self.confusion_: torch.Tensor | None = None
+
+    def on_batch_end(self, net: Any, batch: Any = None, training: bool = False, y_pred: Any = None,
+                     **kwargs: Any) -> None:
+        if training != self.on_train or y_pred is None:
+            return
+        _, truth = unpack_data(batch)
+        n = len(net.classes_)
+        with torch.no_grad():
+            predicted = _resize_logits(y_pred, tuple(truth.shape[-2:])).argmax(dim=1)
+            truth = truth.to(predicted.device)
+            counted = truth != IGNORE_TARGET
+            counts = torch.bincount(truth[counted] * n + predicted[counted], minlength=n * n).reshape(n, n)
+        self.confusion_ = counts if self.confusion_ is None else self.confusion_ + counts
+
+    def on_epoch_end(self, net: Any, **kwargs: Any) -> None:
+        confusion = getattr(self, "confusion_", None)
+        if confusion is None:
+            return
+        confusion = confusion.cpu().numpy()
+        value = mean_iou_from_confusion(confusion) if confusion.sum() else float("nan")
+        net.history.record(f"{'train' if self.on_train else 'valid'}_miou", value)
 
 
 class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
@@ -409,21 +453,8 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
 
     def _encode(self, masks: torch.Tensor) -> torch.Tensor:
         """Mask values -> indices of ``classes_``; ``ignore_index`` -> :data:`IGNORE_TARGET`."""
-        values, inverse = torch.unique(masks, return_inverse=True)
-        index = {int(c): i for i, c in enumerate(self.classes_.tolist())}
-        codes = torch.empty(len(values), dtype=torch.int64)
-        for j, value in enumerate(values.tolist()):
-            if value in index:
-                codes[j] = index[value]
-            elif value == self.ignore_index:
-                codes[j] = IGNORE_TARGET
-            else:
-                n, row, col = (int(v) for v in torch.nonzero(masks == value)[0])
-                raise DataError(
-                    f"mask value {value} (first at y[{n}], row {row}, column {col}) is not one of the classes "
-                    f"{_preview(self.classes_)} nor ignore_index={self.ignore_index}; pass classes=[...] listing "
-                    "every class id, or mark such pixels with ignore_index")
-        encoded = codes[inverse]
+        encoded = torch.from_numpy(encode_masks(masks.numpy(), self.classes_, self.ignore_index,
+                                                where=lambda n: f"mask y[{n}]"))
         counted = (encoded != IGNORE_TARGET).flatten(1).any(1)
         if not bool(counted.all()):
             first = int((~counted).nonzero()[0])
@@ -504,6 +535,11 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
             return y_pred.sum() * 0.0
         return super()._task_loss(y_pred, y_true, X=X, training=training)
 
+    @property
+    def _default_callbacks(self):
+        return [*super()._default_callbacks, ("train_miou", EpochMeanIoU(on_train=True)),
+                ("valid_miou", EpochMeanIoU(on_train=False))]
+
     def _get_predict_nonlinearity(self):
         if isinstance(self.predict_nonlinearity, str) and self.predict_nonlinearity == "auto":
             self.check_is_fitted()
@@ -582,11 +618,6 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def _preview(values: np.ndarray, limit: int = 10) -> str:
-    shown = ", ".join(str(v) for v in values[:limit].tolist())
-    return f"[{shown}{', ...' if len(values) > limit else ''}]"
-
-
 def _given_classes(classes: Any) -> np.ndarray:
     if isinstance(classes, (int, np.integer)) and not isinstance(classes, bool):
         if classes < 2:

@@ -16,17 +16,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from skorch.history import History
 from test_cli_finetune import one_line_error, write_folder, write_prior
 from typer.testing import CliRunner
 
 from sklearn_bayes_transfer import Prior
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
 from sklearn_bayes_transfer.cli.app import app
-from sklearn_bayes_transfer.cli.finetune_cmd import _EpochMeanIoU
 from sklearn_bayes_transfer.metrics import mean_iou, per_class_iou, pixel_accuracy
 from sklearn_bayes_transfer.modelfile import load_model, save_model
-from sklearn_bayes_transfer.segmenter import IGNORE_TARGET, PriorRegularizedSegmenter
+from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter
 
 runner = CliRunner()
 SEG_FAST = ["--task", "segmentation", "--min-steps", "150", "--batch-size", "2", "--quiet"]
@@ -237,27 +235,6 @@ def test_image_size_and_segmentation_options(tmp_path):
     Image.fromarray(np.full((13, 11), 2, np.uint8)).save(masks / "odd.png")
     info = evaluate_json(model, images, masks)
     assert info["resized_to"] == [8, 8] and info["n_images"] == 7
-
-
-def test_epoch_mean_iou_matches_metrics():
-    """The per-epoch mIoU, summed batch by batch, equals mean_iou over all the epoch's pixels."""
-    rng = np.random.default_rng(0)
-    net = type("Net", (), {"classes_": np.array([0, 3, 7, 9]), "history": History()})()
-    net.history.new_epoch()
-    callback = _EpochMeanIoU(on_train=True)
-    callback.on_epoch_begin(net)
-    truths, preds = [], []
-    for n in (3, 2):
-        logits = torch.as_tensor(rng.normal(size=(n, 4, 5, 6)), dtype=torch.float32)
-        truth = torch.as_tensor(rng.integers(0, 3, (n, 5, 6)))  # class index 3 never true
-        truth[0, 0, :4] = IGNORE_TARGET
-        callback.on_batch_end(net, batch=(torch.zeros(n, 1, 5, 6), truth), training=True, y_pred=logits)
-        callback.on_batch_end(net, batch=(torch.zeros(n, 1, 5, 6), 1 - truth), training=False, y_pred=-logits)
-        truths.append(truth.numpy())
-        preds.append(logits.argmax(1).numpy())
-    callback.on_epoch_end(net)
-    expected = mean_iou(np.concatenate(truths), np.concatenate(preds), 4, ignore_index=IGNORE_TARGET)
-    assert net.history[-1, "train_miou"] == pytest.approx(expected, abs=1e-12)
 
 
 # -- errors: one line, exit code 1 ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import GridSearchCV
 from skorch.callbacks import Callback
 from skorch.dataset import ValidSplit
+from skorch.history import History
 from torch import nn
 
 from sklearn_bayes_transfer import ConfigError, DataError, Prior
@@ -25,6 +26,7 @@ from sklearn_bayes_transfer.metrics import mean_iou, miou_scorer
 from sklearn_bayes_transfer.modelfile import load_model, save_model
 from sklearn_bayes_transfer.segmenter import (
     IGNORE_TARGET,
+    EpochMeanIoU,
     DeepLabV3Head,
     FCNHead,
     PriorRegularizedSegmenter,
@@ -172,6 +174,34 @@ def test_it_learns_the_rectangles():
     after = seg.score(X_test, masks_test)
     # held-out canvases; an untrained head scores about 0.03-0.3
     assert after > 0.55 and after > before + 0.25
+
+
+def test_epoch_mean_iou_matches_metrics():
+    """The per-epoch mIoU, summed batch by batch, equals mean_iou over all the epoch's pixels."""
+    rng = np.random.default_rng(0)
+    net = type("Net", (), {"classes_": np.array([0, 3, 7, 9]), "history": History()})()
+    net.history.new_epoch()
+    callback = EpochMeanIoU(on_train=True)
+    callback.on_epoch_begin(net)
+    truths, preds = [], []
+    for n in (3, 2):
+        logits = torch.as_tensor(rng.normal(size=(n, 4, 5, 6)), dtype=torch.float32)
+        truth = torch.as_tensor(rng.integers(0, 3, (n, 5, 6)))  # class index 3 never true
+        truth[0, 0, :4] = IGNORE_TARGET
+        callback.on_batch_end(net, batch=(torch.zeros(n, 1, 5, 6), truth), training=True, y_pred=logits)
+        callback.on_batch_end(net, batch=(torch.zeros(n, 1, 5, 6), 1 - truth), training=False, y_pred=-logits)
+        truths.append(truth.numpy())
+        preds.append(logits.argmax(1).numpy())
+    callback.on_epoch_end(net)
+    expected = mean_iou(np.concatenate(truths), np.concatenate(preds), 4, ignore_index=IGNORE_TARGET)
+    assert net.history[-1, "train_miou"] == pytest.approx(expected, abs=1e-12)
+
+
+
+def test_the_segmenter_logs_mean_iou_per_epoch():
+    X, masks = make_squares(n=8)
+    seg = fitted(X, masks, max_epochs=2, train_split=ValidSplit(4, stratified=False))
+    assert all(0.0 <= seg.history[i, key] <= 1.0 for i in (0, 1) for key in ("train_miou", "valid_miou"))
 
 
 # -- metrics and search ---------------------------------------------------------------------------
@@ -364,7 +394,7 @@ def test_mask_and_image_sizes_must_match():
 def test_mask_values_outside_the_classes_are_named():
     X, masks = make_squares(n=4)
     masks[2, 5, 6] = 5
-    with pytest.raises(DataError, match=r"mask value 5 \(first at y\[2\], row 5, column 6\)"):
+    with pytest.raises(DataError, match=r"mask y\[2\] holds the value 5 \(row 5, column 6\)"):
         fitted(X, masks, classes=[0, 3, 7])
     with pytest.raises(DataError, match="label 5"):
         fitted(X, make_squares(n=4)[1], max_epochs=1).score(X, masks)
