@@ -35,7 +35,7 @@ from torch import nn
 from sklearn_bayes_transfer import Prior
 from sklearn_bayes_transfer.backbones import get_backbone
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
-from sklearn_bayes_transfer.regularized import BackboneWithHead
+from sklearn_bayes_transfer.backbones import BackboneWithHead
 
 N_CLASSES = 10
 

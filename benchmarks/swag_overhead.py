@@ -33,7 +33,7 @@ from skorch.callbacks import Callback
 from torch import nn
 
 from sklearn_bayes_transfer.backbones import get_backbone
-from sklearn_bayes_transfer.fitter import SourceModel
+from sklearn_bayes_transfer.backbones import BackboneWithHead
 from sklearn_bayes_transfer.swag import SwagCallback, SwagCollector
 
 
@@ -83,7 +83,7 @@ class Clock(Callback):
 def make_net(swag: bool, epochs: int, batch_size: int, seed: int) -> tuple[NeuralNet, TimedSwag | None, Clock]:
     torch.manual_seed(seed)
     backbone = get_backbone("resnet18", in_channels=3, small_input=True)
-    module = SourceModel(backbone, nn.Linear(backbone.feature_dim, 10))
+    module = BackboneWithHead(backbone, nn.Linear(backbone.feature_dim, 10))
     clock = Clock()
     callbacks: list = [("clock", clock)]
     cb = None

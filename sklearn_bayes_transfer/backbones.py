@@ -27,6 +27,7 @@ from ._validation import mismatch_report, plain
 from .exceptions import ConfigError
 
 __all__ = [
+    "BackboneWithHead",
     "ResNetBackbone",
     "SmallCNN",
     "backbone_arguments",
@@ -159,6 +160,31 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Globally average-pooled features, shape ``(N, feature_dim)``."""
         return torch.flatten(self.pool(self.features(x)), 1)
+
+
+class BackboneWithHead(nn.Module):
+    """``head(backbone(x))``: a backbone and a task head (a classifier, SimCLR's projector).
+
+    Priors cover the ``backbone`` child only; everything else is head. A 5-D input
+    ``(B, V, C, H, W)`` of ``V`` views per example (SimCLR) gives ``(B, V, P)``.
+
+    Examples
+    --------
+    >>> model = BackboneWithHead(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    >>> model(torch.zeros(3, 1, 2, 2)).shape, model(torch.zeros(3, 2, 1, 2, 2)).shape
+    (torch.Size([3, 2]), torch.Size([3, 2, 2]))
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 5:
+            b, v = x.shape[:2]
+            return self.head(self.backbone(x.flatten(0, 1))).view(b, v, -1)
+        return self.head(self.backbone(x))
 
 
 # -- registry -------------------------------------------------------------------------------------

@@ -225,12 +225,6 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         self.random_state = random_state
 
     # -- labels ------------------------------------------------------------------------------------
-    @property
-    def classes_(self) -> np.ndarray:
-        try:
-            return self.classes_fitted_
-        except AttributeError:
-            raise AttributeError(f"{type(self).__name__} has no attribute 'classes_' before fit") from None
 
     def _encode(self, y: Any, *, n: int) -> torch.Tensor:
         y = _as_numpy(y)
@@ -301,11 +295,6 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         return [(name, EpochScoring(index_accuracy, name="valid_acc", lower_is_better=False) if name == "valid_acc"
                  else callback) for name, callback in super()._default_callbacks]
 
-    def _check_fitted(self) -> None:
-        from sklearn.exceptions import NotFittedError
-
-        if not getattr(self, "initialized_", False) or not hasattr(self, "classes_fitted_"):
-            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet; call 'fit' first")
 
     def _build_head(self, backbone: nn.Module) -> nn.Module:
         return nn.Linear(feature_dim_of(backbone, self._example_input()), len(self.classes_))

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import v2
 
 from ._version import __version__
-from .backbones import backbone_arguments, backbone_meta, feature_dim_of, get_backbone
+from .backbones import BackboneWithHead, backbone_arguments, backbone_meta, feature_dim_of, get_backbone
 from .data import Preprocess, as_image_tensor, load_image_folder, prepare_images
 from ._device import resolve_device, seeded
 from ._validation import check_choice
@@ -45,7 +45,6 @@ __all__ = [
     "NTXentLoss",
     "PriorFitter",
     "SimCLRAugment",
-    "SourceModel",
     "SourceTask",
     "TwoViewDataset",
     "nt_xent_loss",
@@ -172,32 +171,6 @@ class TwoViewDataset(Dataset):
         item = self.dataset[index]
         x = item[0] if isinstance(item, (tuple, list)) else item
         return torch.stack([self.augment(x), self.augment(x)]), 0
-
-
-class SourceModel(nn.Module):
-    """``head(backbone(x))``; a 5-D input ``(B, V, C, H, W)`` of views gives ``(B, V, P)``.
-
-    The prior covers ``backbone`` only: :class:`~sklearn_bayes_transfer.swag.SwagCallback`
-    follows ``module.backbone`` by default.
-
-    Examples
-    --------
-    >>> import torch
-    >>> model = SourceModel(torch.nn.Flatten(), torch.nn.Linear(4, 2))
-    >>> model(torch.zeros(3, 2, 1, 2, 2)).shape
-    torch.Size([3, 2, 2])
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 5:
-            b, v = x.shape[:2]
-            return self.head(self.backbone(x.flatten(0, 1))).view(b, v, -1)
-        return self.head(self.backbone(x))
 
 
 # -- data adapters --------------------------------------------------------------------------------
@@ -636,7 +609,7 @@ class PriorFitter(BaseEstimator):
             clean, preprocess, classes = self._prepare_data(X, y, task)
             example = torch.stack([clean[i][0] for i in range(min(2, len(clean)))])
             backbone, dim = self._build_backbone(preprocess, example)
-            module = SourceModel(backbone, self._build_head(task, dim, len(classes) if classes is not None else 0))
+            module = BackboneWithHead(backbone, self._build_head(task, dim, len(classes) if classes is not None else 0))
             train = clean if task is SourceTask.SUPERVISED else TwoViewDataset(
                 clean, SimCLRAugment(hflip=bool(self.augment_flip), noise=float(self.augment_noise)))
             # A last batch of one image breaks BatchNorm in training mode (one value per channel).

@@ -29,7 +29,7 @@ An estimator class listed in this module's table is saved generically. It must h
   ``_build_head_from_spec(spec, backbone) -> nn.Module`` describe and rebuild its head. Without
   them the head must be an ``nn.Linear`` (the classifier's);
 - the classmethod ``_assemble_module(backbone, head)`` joins them into the network (default:
-  :class:`~sklearn_bayes_transfer.regularized.BackboneWithHead`);
+  :class:`~sklearn_bayes_transfer.backbones.BackboneWithHead`);
 - ``_model_file_extras() -> dict`` returns extra fitted state made of tensors and plain
   containers (posterior samples for Bayesian model averaging), stored under ``"samples"``, and
   ``_restore_model_file_extras(extras)`` puts it back after loading;
@@ -60,7 +60,7 @@ from .data import Preprocess
 from ._validation import mismatch_report, plain
 from .exceptions import BayesTransferError, PriorFormatError
 from .prior import FORMAT_NAME as PRIOR_FORMAT_NAME
-from .regularized import BackboneWithHead
+from .backbones import BackboneWithHead
 
 __all__ = ["MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION", "ModelFileError", "load_model", "save_model"]
 

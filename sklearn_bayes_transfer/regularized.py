@@ -29,13 +29,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_array
 from skorch.callbacks import Callback, PassthroughScoring
 from skorch.dataset import ValidSplit, unpack_data
 from torch import nn
 
 from .augment import Augment, augment_batch, check_augment
-from .backbones import backbone_from_meta
+from .backbones import BackboneWithHead, backbone_from_meta
 from .bayes import BayesianInferenceMixin, Inference
 from .data import Preprocess, TransformedDataset, prepare_images
 from ._device import resolve_device, seeded
@@ -55,7 +56,7 @@ from .recipe import (
     resolve_prior_scale,
 )
 
-__all__ = ["PriorRegularizedMixin", "PriorUpdate", "BackboneWithHead"]
+__all__ = ["PriorRegularizedMixin", "PriorUpdate"]
 
 
 class PriorUpdate(str, Enum):
@@ -74,19 +75,6 @@ class PriorUpdate(str, Enum):
     AUTO = "auto"
     PROXIMAL = "proximal"
     GRADIENT = "gradient"
-
-
-class BackboneWithHead(nn.Module):
-    """A backbone followed by a task head; the prior covers ``backbone`` only."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
 
 
 def _check_positive(value: Any, argument: str, *, allow_zero: bool = False) -> float:
@@ -152,6 +140,19 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         if self.prior is None and self.module is None:
             raise ConfigError(f"{type(self).__name__} needs prior=... (a Prior or a prior file, from which the "
                               "backbone is rebuilt) or module=... (your own network)")
+
+    # -- fitted state ---------------------------------------------------------------------------
+    @property
+    def classes_(self) -> np.ndarray:
+        """The class labels (ids for a segmenter), in the order of ``predict_proba``'s columns."""
+        try:
+            return self.classes_fitted_
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} has no attribute 'classes_' before fit") from None
+
+    def _check_fitted(self) -> None:
+        if not getattr(self, "initialized_", False) or not hasattr(self, "classes_fitted_"):
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet; call 'fit' first")
 
     # -- preprocessing --------------------------------------------------------------------------
     def _fit_preprocess(self, X: Any) -> Preprocess | None:

@@ -32,7 +32,8 @@ from .exceptions import ConfigError, DataError
 from .metrics import IGNORE_TARGET, encode_masks, mean_iou_from_confusion, miou_scorer
 from ._validation import check_choice
 from .recipe import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MIN_STEPS, DEFAULT_WARMUP, TrainLoader
-from .regularized import BackboneWithHead, PriorRegularizedMixin, _as_numpy
+from .backbones import BackboneWithHead
+from .regularized import PriorRegularizedMixin, _as_numpy
 
 __all__ = [
     "EpochMeanIoU",
@@ -168,7 +169,7 @@ def build_segmentation_head(kind: SegmentationHead | str, in_channels: int, n_cl
 class SegmentationModel(BackboneWithHead):
     """``head(backbone.forward_features(x))`` upsampled bilinearly to ``x``'s height and width.
 
-    A :class:`~sklearn_bayes_transfer.regularized.BackboneWithHead` whose head reads the
+    A :class:`~sklearn_bayes_transfer.backbones.BackboneWithHead` whose head reads the
     backbone's feature maps instead of its pooled features: the backbone stays the ``backbone``
     child, so a prior fitted on the bare backbone binds to ``backbone.*`` and everything else is
     the head.
@@ -411,12 +412,6 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         self.inference_device = inference_device
         self.random_state = random_state
 
-    @property
-    def classes_(self) -> np.ndarray:
-        try:
-            return self.classes_fitted_
-        except AttributeError:
-            raise AttributeError(f"{type(self).__name__} has no attribute 'classes_' before fit") from None
 
     # -- hyperparameters -------------------------------------------------------------------------
     def _check_segmenter_params(self) -> None:
@@ -585,11 +580,6 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         X, y = _pairs_from_dataset(X, y)
         return miou_scorer(self, X, _checked_masks(X, y).numpy())
 
-    def _check_fitted(self) -> None:
-        from sklearn.exceptions import NotFittedError
-
-        if not getattr(self, "initialized_", False) or not hasattr(self, "classes_fitted_"):
-            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet; call 'fit' first")
 
     # -- the default network ---------------------------------------------------------------------
     def _build_head(self, backbone: nn.Module) -> nn.Module:

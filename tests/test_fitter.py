@@ -15,7 +15,7 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from sklearn_bayes_transfer import Prior, _io
-from sklearn_bayes_transfer.backbones import backbone_from_meta, get_backbone
+from sklearn_bayes_transfer.backbones import BackboneWithHead, backbone_from_meta, get_backbone
 from sklearn_bayes_transfer.data import ImageFolder, Preprocess, prepare_images, save_image
 from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.exceptions import ConfigError, DataError, TrainingDivergedError
@@ -23,7 +23,6 @@ from sklearn_bayes_transfer.fitter import (
     NTXentLoss,
     PriorFitter,
     SimCLRAugment,
-    SourceModel,
     TwoViewDataset,
     nt_xent_loss,
 )
@@ -106,7 +105,7 @@ def test_augment_keeps_shape_and_varies(shape) -> None:
 
 
 def test_source_model_handles_view_batches() -> None:
-    model = SourceModel(nn.Flatten(), nn.Linear(4, 3))
+    model = BackboneWithHead(nn.Flatten(), nn.Linear(4, 3))
     x = torch.randn(5, 2, 1, 2, 2)
     torch.testing.assert_close(model(x)[:, 1], model(x[:, 1]))
 

@@ -20,7 +20,7 @@ from sklearn_bayes_transfer.modelfile import (
     load_model,
     save_model,
 )
-from sklearn_bayes_transfer.regularized import BackboneWithHead
+from sklearn_bayes_transfer.backbones import BackboneWithHead
 
 PREPROCESS = {"image_size": [8, 8], "channels": 1, "mean": [0.4], "std": [0.3]}
 
