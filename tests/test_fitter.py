@@ -19,13 +19,8 @@ from sklearn_bayes_transfer.backbones import BackboneWithHead, backbone_from_met
 from sklearn_bayes_transfer.data import ImageFolder, Preprocess, prepare_images, save_image
 from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.exceptions import ConfigError, DataError, TrainingDivergedError
-from sklearn_bayes_transfer.fitter import (
-    NTXentLoss,
-    PriorFitter,
-    SimCLRAugment,
-    TwoViewDataset,
-    nt_xent_loss,
-)
+from sklearn_bayes_transfer.fitter import PriorFitter
+from sklearn_bayes_transfer.simclr import NTXentLoss, SimCLRAugment, TwoViewDataset, nt_xent_loss
 from sklearn_bayes_transfer.swag import SwagCallback, SwagCollector
 
 
