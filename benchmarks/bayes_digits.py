@@ -38,8 +38,8 @@ from sklearn_bayes_transfer.metrics import accuracy, expected_calibration_error,
 METHODS = (
     ("MAP", {"inference": "map"}),
     ("SWAG", {"inference": "swag"}),
-    ("SGLD T=1", {"inference": "sgld", "temperature": 1.0}),
-    ("SGLD T=0.01", {"inference": "sgld", "temperature": 0.01}),
+    ("SGLD T=1", {"inference": "sgld", "sgld_temperature": 1.0}),
+    ("SGLD T=0.01", {"inference": "sgld", "sgld_temperature": 0.01}),
 )
 
 
@@ -50,8 +50,8 @@ def source_prior(X: np.ndarray, y: np.ndarray, path: str | None) -> Prior:
         return Prior.load(path)
     start = time.perf_counter()
     source = y < 5
-    fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 16}, epochs=30, lr=0.05, batch_size=64,
-                         rank=10, swag_lr=0.01, seed=0).fit(X[source], y[source])
+    fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 16}, max_epochs=30, lr=0.05, batch_size=64,
+                         rank=10, swag_lr=0.01, random_state=0).fit(X[source], y[source])
     prior = fitter.prior_
     stats = prior.variance_stats()
     print(f"prior: fitted on {int(source.sum())} images of digits 0-4 in {time.perf_counter() - start:.0f} s; "

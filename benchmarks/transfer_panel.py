@@ -261,7 +261,7 @@ def run_classification(name: str, task: dict, work: Path, shots_list: list[int],
             train_idx, test_idx = few_shot_split(y, shots, seed)
             train = write_folder(root / "train", X[train_idx], y[train_idx])
             test = write_folder(root / "test", X[test_idx], y[test_idx])
-            common = ["--prior", prior_path, "--data", train, "--seed", seed, "--quiet", "--force"]
+            common = ["--prior", prior_path, "--data", train, "--random-state", seed, "--quiet", "--force"]
             runs = {"finetune, learned prior (defaults)": [],
                     "finetune, standard (--prior-structure none)": ["--prior-structure", "none"]}
             row = {}
@@ -301,7 +301,7 @@ def run_segmentation(work: Path, prior_path: Path, seeds: list[int]) -> dict:
                              "finetune, standard (--prior-structure none)": ["--prior-structure", "none"]}.items():
             model = root / "seg.pt"
             cli("finetune", "--task", "segmentation", "--prior", prior_path, "--data", train_images, "--masks",
-                train_masks, "--out", model, "--seed", seed, "--quiet", "--force", *extra)
+                train_masks, "--out", model, "--random-state", seed, "--quiet", "--force", *extra)
             row[label] = evaluate(model, test_images, test_masks)
         _, truth = load_segmentation_folder(test_images, test_masks)
         threshold = otsu_threshold(images[test_idx])

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from sklearn_bayes_transfer.augment import Augment
-from sklearn_bayes_transfer.bayes import Inference
+from sklearn_bayes_transfer.sampling import Inference
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.optim import OptimizerName, optimizer_arguments
 from sklearn_bayes_transfer.prior import Prior

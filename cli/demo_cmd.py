@@ -36,7 +36,7 @@ def demo(
     regression on the pixels."""
     start = time.perf_counter()
     with console.status("fitting a SWAG prior on digits 0-4 ...", spinner="dots"):
-        prior = fit_digits_prior(epochs=source_epochs, width=width, rank=rank)
+        prior = fit_digits_prior(max_epochs=source_epochs, width=width, rank=rank)
     with console.status("fine-tuning on digits 5-9 ...", spinner="dots"):
         rows = digits_transfer_demo(labels_per_class=labels_per_class, seeds=range(seeds), max_epochs=max_epochs,
                                     min_steps=min_steps, prior=prior, tune_cv=cv)

@@ -14,7 +14,7 @@ import typer
 from skorch.callbacks import EarlyStopping, EpochScoring, ProgressBar
 from skorch.dataset import ValidSplit
 
-from sklearn_bayes_transfer.bayes import Inference
+from sklearn_bayes_transfer.sampling import Inference
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier, index_accuracy
 from sklearn_bayes_transfer.data import load_image_folder, load_segmentation_folder
 from sklearn_bayes_transfer.exceptions import ConfigError
@@ -222,7 +222,7 @@ def finetune(
         help="Resize images to N or HxW pixels (default: classification, the size recorded in the prior; "
              "segmentation, each image's own size).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Random seed (head initialisation, shuffling, split).")] = 0,
+    random_state: Annotated[int, typer.Option(help="Random seed (head initialisation, shuffling, split).")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No per-epoch log or progress bar.")] = False,
 ) -> None:
@@ -240,13 +240,12 @@ def finetune(
     preprocess, load_size, channels = load_geometry(prior_obj, size,
                                                     resize_to_prior=task is Task.CLASSIFICATION)
     X, y = _load_data(task, data, masks, load_size, channels)
-    split = _split(task, y, valid_fraction, seed)
+    split = _split(task, y, valid_fraction, random_state)
     estimator = _estimator(
         task, prior_obj, ignore_index=ignore_index, head=head, preprocess=preprocess, split=split, quiet=quiet,
         early_stopping=early_stopping, prior_scale=scale, prior_eps=prior_eps,
         prior_structure=prior_structure.value, head_weight_decay=head_weight_decay, device=device,
-        inference=inference.value, n_samples=samples, random_state=seed, **recipe)
-    torch.manual_seed(seed)
+        inference=inference.value, n_samples=samples, random_state=random_state, **recipe)
     estimator.fit(X, y)
     save_model(estimator, out, overwrite=force)
     console.print(_summary(estimator, out, len(y), task), highlight=False, soft_wrap=True)

@@ -42,9 +42,9 @@ def fit_prior(
     backbone_kwargs: Annotated[Optional[str], typer.Option(
         help="Backbone arguments as JSON, e.g. '{\"width\": 8}'. in_channels and small_input are "
              "inferred from the images when not given.")] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs, SWAG collection included.")] = 30,
+    max_epochs: Annotated[int, typer.Option(min=1, help="Training epochs, SWAG collection included.")] = 30,
     swag_start: Annotated[Optional[int], typer.Option(
-        min=0, help="Epochs before SWAG collection starts (default: half of --epochs).")] = None,
+        min=0, help="Epochs before SWAG collection starts (default: half of --max-epochs).")] = None,
     rank: Annotated[int, typer.Option(help="Rank K of the low-rank covariance (>= 2).")] = 10,
     collect_every: Annotated[int, typer.Option(min=1, help="Collect a SWAG snapshot every N epochs.")] = 1,
     lr: Annotated[float, typer.Option(help="Learning rate before collection.")] = 0.05,
@@ -55,7 +55,7 @@ def fit_prior(
     image_size: Annotated[Optional[str], typer.Option(
         help="Resize images to N or HxW pixels (required when the images differ in size).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    random_state: Annotated[int, typer.Option(help="Random seed.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No per-epoch log or progress bar.")] = False,
 ) -> None:
@@ -63,9 +63,9 @@ def fit_prior(
     check_output(out, force)  # before training, not after minutes of it
     fitter = PriorFitter(
         backbone=backbone, backbone_kwargs=_parse_kwargs(backbone_kwargs), source_task=task,
-        epochs=epochs, swag_start=swag_start, rank=rank, collect_every=collect_every, lr=lr, optimizer=optimizer.value,
+        max_epochs=max_epochs, swag_start=swag_start, rank=rank, collect_every=collect_every, lr=lr, optimizer=optimizer.value,
         swag_lr=swag_lr, batch_size=batch_size, image_size=parse_image_size(image_size),
-        device=resolve_device(device), seed=seed, verbose=0 if quiet else 1,
+        device=resolve_device(device), random_state=random_state, verbose=0 if quiet else 1,
     )
     fitter.fit(str(data))
     fitter.save_prior(out, overwrite=force)

@@ -118,7 +118,7 @@ def tune(
         help="Resize images to N or HxW pixels (default: the size recorded in the prior).")] = None,
     n_jobs: Annotated[int, typer.Option(help="Parallel fits (GridSearchCV n_jobs).")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Random seed (folds, initialisation, shuffling).")] = 0,
+    random_state: Annotated[int, typer.Option(help="Random seed (folds, initialisation, shuffling).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result table as JSON.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress spinner.")] = False,
@@ -145,8 +145,8 @@ def tune(
                           f"has {int(counts.min())}; lower --cv or add images")
     # Seeded per fit, so every candidate trains the same way whatever the order or --n-jobs.
     estimator = PriorRegularizedClassifier(prior_obj, preprocess=preprocess, device=device, verbose=0,
-                                           random_state=seed, **recipe)
-    folds = StratifiedKFold(cv, shuffle=True, random_state=seed)
+                                           random_state=random_state, **recipe)
+    folds = StratifiedKFold(cv, shuffle=True, random_state=random_state)
 
     def choose(cv_results: dict) -> int:
         # finetune's default candidate stays unless another beats it beyond the folds' noise.

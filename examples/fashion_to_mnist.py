@@ -43,8 +43,8 @@ def main() -> None:
 
     Xs, ys = load_fashion_mnist(train=True)
     pick = np.random.default_rng(0).choice(len(ys), args.source_images, replace=False)
-    fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 16}, epochs=12, rank=10,
-                         batch_size=128, lr=0.05, swag_lr=0.02, collect_unit="step", collect_every=10, seed=0)
+    fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 16}, max_epochs=12, rank=10,
+                         batch_size=128, lr=0.05, swag_lr=0.02, collect_unit="step", collect_every=10, random_state=0)
     prior = fitter.fit(Xs[pick], ys[pick]).prior_
     print(f"prior: {prior!r}, reference scale {prior.reference_scale():.3g}, "
           f"{prior.variance_stats()['fraction_at_clamp']:.1%} of variances at the clamp")

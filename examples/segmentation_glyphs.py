@@ -59,8 +59,8 @@ def load_glyphs(kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_source_prior(X: np.ndarray, y: np.ndarray, device: str):
-    fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 16}, epochs=20, swag_start=10, rank=10,
-                         batch_size=128, lr=0.05, swag_lr=0.01, device=device, seed=0)
+    fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 16}, max_epochs=20, swag_start=10, rank=10,
+                         batch_size=128, lr=0.05, swag_lr=0.01, device=device, random_state=0)
     return fitter.fit(X, y).prior_
 
 

@@ -21,7 +21,7 @@ from .penalty import PriorPenalty
 from .fitter import PriorFitter
 from .classifier import PriorRegularizedClassifier
 from .segmenter import PriorRegularizedSegmenter
-from .bayes import Inference
+from .sampling import Inference
 from .modelfile import ModelFileError, load_model, save_model
 
 __all__ = [

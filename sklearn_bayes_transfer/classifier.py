@@ -111,7 +111,7 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         Fraction of ``max_epochs`` trained before SWAG collection or SGLD sampling starts.
     sample_every : int, default=1
         Epochs between SWAG snapshots or SGLD samples.
-    temperature : float, default=1.0
+    sgld_temperature : float, default=1.0
         SGLD temperature ``T >= 0``: 1 samples the posterior, < 1 a cold posterior, 0 adds no noise.
     sgld_cycles : int, default=4
         Cosine step size cycles over the SGLD phase; samples come from the low half of each.
@@ -139,6 +139,8 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         Number of training examples of the last fit (the ``N`` of the loss).
     prior_scale_ : float or None
         The prior scale in use (``"auto"`` resolved); ``None`` without a prior term.
+    prior_update_ : {"proximal", "gradient"}
+        How the prior enters the updates of this optimizer (``prior_update="auto"`` resolved).
     training_plan_ : TrainingPlan
         Epochs, steps per epoch and sampling phase of the last fit
         (:class:`~sklearn_bayes_transfer.recipe.TrainingPlan`).
@@ -192,7 +194,7 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         n_samples: int = 20,
         sample_start: float = 0.5,
         sample_every: int = 1,
-        temperature: float = 1.0,
+        sgld_temperature: float = 1.0,
         sgld_cycles: int = 4,
         sample_lr: float | None = None,
         inference_device: str = "cpu",
@@ -218,7 +220,7 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         self.n_samples = n_samples
         self.sample_start = sample_start
         self.sample_every = sample_every
-        self.temperature = temperature
+        self.sgld_temperature = sgld_temperature
         self.sgld_cycles = sgld_cycles
         self.sample_lr = sample_lr
         self.inference_device = inference_device

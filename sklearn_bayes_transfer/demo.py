@@ -28,15 +28,15 @@ from .tuning import default_param_grid, prefer_default
 __all__ = ["fit_digits_prior", "digits_transfer_demo"]
 
 
-def fit_digits_prior(*, seed: int = 0, epochs: int = 20, width: int = 16, rank: int = 10,
+def fit_digits_prior(*, random_state: int = 0, max_epochs: int = 20, width: int = 16, rank: int = 10,
                      verbose: int = 0) -> Prior:
     """Fit a SWAG prior for a small CNN on digits 0-4 (snapshots every 5 steps of the second half)."""
     X, y = load_digits_images()
     source = y < 5
-    fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": width}, epochs=epochs,
-                         swag_start=epochs // 2, lr=0.05, swag_lr=0.02, rank=rank, batch_size=64,
+    fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": width}, max_epochs=max_epochs,
+                         swag_start=max_epochs // 2, lr=0.05, swag_lr=0.02, rank=rank, batch_size=64,
                          collect_unit="step", collect_every=5,
-                         seed=seed, verbose=verbose)
+                         random_state=random_state, verbose=verbose)
     return fitter.fit(X[source], y[source]).prior_
 
 

@@ -126,7 +126,7 @@ def _check_number(value: Any, name: str, *, low: float, integer: bool = False, s
 class PriorFitter(BaseEstimator):
     """Learn a SWAG posterior over a backbone on a source task and export it as a prior.
 
-    Training runs ``epochs`` epochs of SGD with momentum at ``lr``; from epoch ``swag_start`` on
+    Training runs ``max_epochs`` epochs of SGD with momentum at ``lr``; from epoch ``swag_start`` on
     the learning rate follows ``swag_schedule`` around ``swag_lr`` and a SWAG snapshot of the
     backbone's weights is taken every ``collect_every`` epochs (or steps). At the end the SWAG
     mean is loaded into the backbone, BatchNorm statistics are recomputed for it on the source
@@ -146,7 +146,7 @@ class PriorFitter(BaseEstimator):
         64 pixels a side.
     source_task : {"supervised", "simclr"}, default="supervised"
         See :class:`SourceTask`.
-    epochs : int, default=30
+    max_epochs : int, default=30
         Total training epochs, collection included.
     lr : float, default=0.05
         Learning rate before collection (and the top of cosine cycles).
@@ -156,7 +156,7 @@ class PriorFitter(BaseEstimator):
         SGD settings.
     batch_size : int, default=128
     swag_start : int, optional
-        Epochs of ordinary training before SWAG collection starts; by default half of ``epochs``.
+        Epochs of ordinary training before SWAG collection starts; by default half of ``max_epochs``.
     swag_lr : float, default=0.01
         Learning rate during collection (the low end of cosine cycles).
     swag_schedule : {"constant", "cosine"}, default="constant"
@@ -169,8 +169,8 @@ class PriorFitter(BaseEstimator):
     collect_unit : {"epoch", "step"}, default="epoch"
     var_clamp : float, default=1e-8
         Lower clamp of the raw SWAG diagonal (the stored variance of a clamped weight is half).
-    temperature : float, default=0.5
-        NT-Xent temperature (SimCLR).
+    simclr_temperature : float, default=0.5
+        NT-Xent temperature of SimCLR.
     projection_dim : int, default=64
         Output size of the SimCLR projector.
     augment_flip : bool, default=True
@@ -186,7 +186,7 @@ class PriorFitter(BaseEstimator):
         fitted on ``X``. Recorded in ``prior_.meta["preprocess"]`` either way.
     device : str, default="cpu"
         ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available).
-    seed : int or None, default=0
+    random_state : int or None, default=0
         Seeds torch's RNG (initialisation, shuffling, augmentation) for the duration of ``fit``;
         the caller's RNG state is restored afterwards. ``None`` uses the current state.
     num_workers : int, default=0
@@ -214,7 +214,7 @@ class PriorFitter(BaseEstimator):
     --------
     >>> from sklearn_bayes_transfer.datasets import load_digits_images
     >>> X, y = load_digits_images()
-    >>> fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 4}, epochs=3,
+    >>> fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 4}, max_epochs=3,
     ...                      swag_start=1, rank=2, batch_size=256).fit(X[:300], y[:300])
     >>> fitter.prior_.rank, fitter.prior_.meta["source_task"]
     (2, 'supervised')
@@ -226,7 +226,7 @@ class PriorFitter(BaseEstimator):
         backbone: str | nn.Module = "resnet18",
         backbone_kwargs: Mapping[str, Any] | None = None,
         source_task: SourceTask | str = "supervised",
-        epochs: int = 30,
+        max_epochs: int = 30,
         lr: float = 0.05,
         optimizer: str | type = "sgd",
         momentum: float = 0.9,
@@ -239,21 +239,21 @@ class PriorFitter(BaseEstimator):
         collect_every: int = 1,
         collect_unit: CollectUnit | str = "epoch",
         var_clamp: float = 1e-8,
-        temperature: float = 0.5,
+        simclr_temperature: float = 0.5,
         projection_dim: int = 64,
         augment_flip: bool = True,
         augment_noise: float = 0.1,
         image_size: int | tuple[int, int] | None = None,
         preprocess: Preprocess | Mapping[str, Any] | None = None,
         device: str = "cpu",
-        seed: int | None = 0,
+        random_state: int | None = 0,
         num_workers: int = 0,
         verbose: int = 0,
     ) -> None:
         self.backbone = backbone
         self.backbone_kwargs = backbone_kwargs
         self.source_task = source_task
-        self.epochs = epochs
+        self.max_epochs = max_epochs
         self.lr = lr
         self.optimizer = optimizer
         self.momentum = momentum
@@ -266,14 +266,14 @@ class PriorFitter(BaseEstimator):
         self.collect_every = collect_every
         self.collect_unit = collect_unit
         self.var_clamp = var_clamp
-        self.temperature = temperature
+        self.simclr_temperature = simclr_temperature
         self.projection_dim = projection_dim
         self.augment_flip = augment_flip
         self.augment_noise = augment_noise
         self.image_size = image_size
         self.preprocess = preprocess
         self.device = device
-        self.seed = seed
+        self.random_state = random_state
         self.num_workers = num_workers
         self.verbose = verbose
 
@@ -285,21 +285,21 @@ class PriorFitter(BaseEstimator):
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 2:
             raise ConfigError(f"rank={self.rank!r} is not valid; SWAG needs rank >= 2 deviation columns (the "
                               "low-rank covariance divides by rank - 1); typical values are 5 to 20")
-        _check_number(self.epochs, "epochs", low=1, integer=True)
+        _check_number(self.max_epochs, "max_epochs", low=1, integer=True)
         _check_number(self.batch_size, "batch_size", low=1, integer=True)
         _check_number(self.collect_every, "collect_every", low=1, integer=True)
         if self.swag_start is not None:
             _check_number(self.swag_start, "swag_start", low=0, integer=True)
         _check_number(self.projection_dim, "projection_dim", low=1, integer=True)
         _check_number(self.num_workers, "num_workers", low=0, integer=True)
-        for name in ("lr", "swag_lr", "temperature", "var_clamp"):
+        for name in ("lr", "swag_lr", "simclr_temperature", "var_clamp"):
             _check_number(getattr(self, name), name, low=0, strict=True)
         _check_number(self.momentum, "momentum", low=0)
         _check_number(self.weight_decay, "weight_decay", low=0)
         _check_number(self.augment_noise, "augment_noise", low=0)
-        if self._swag_start() >= self.epochs:
+        if self._swag_start() >= self.max_epochs:
             raise ConfigError(f"swag_start={self._swag_start()} leaves no epoch for SWAG collection with "
-                              f"epochs={self.epochs}; use swag_start < epochs")
+                              f"max_epochs={self.max_epochs}; use swag_start < max_epochs")
         if task is SourceTask.SIMCLR and self.batch_size < 2:
             raise ConfigError("SimCLR needs batch_size >= 2: the other images of a batch are the negatives")
         if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, Mapping):
@@ -312,7 +312,7 @@ class PriorFitter(BaseEstimator):
         return task
 
     def _swag_start(self) -> int:
-        return int(self.epochs) // 2 if self.swag_start is None else int(self.swag_start)
+        return int(self.max_epochs) // 2 if self.swag_start is None else int(self.swag_start)
 
     # -- data ---------------------------------------------------------------------------------------
     def _wanted_channels(self) -> int | None:
@@ -444,14 +444,14 @@ class PriorFitter(BaseEstimator):
         callbacks: list[tuple[str, Callback]] = [("swag", swag), ("finite_loss", _FiniteLoss())]
         if self.verbose:
             callbacks.append(("progress", ProgressBar()))
-        criterion_kwargs = {"criterion__temperature": float(self.temperature)} if task is SourceTask.SIMCLR else {}
+        criterion_kwargs = {"criterion__temperature": float(self.simclr_temperature)} if task is SourceTask.SIMCLR else {}
         return NeuralNet(
             module,
             criterion=NTXentLoss if task is SourceTask.SIMCLR else nn.CrossEntropyLoss,
             lr=float(self.lr),
             **optimizer_arguments(self.optimizer, momentum=float(self.momentum),
                                   weight_decay=float(self.weight_decay)),
-            max_epochs=int(self.epochs),
+            max_epochs=int(self.max_epochs),
             batch_size=int(self.batch_size),
             train_split=None,
             iterator_train__shuffle=True,
@@ -491,7 +491,7 @@ class PriorFitter(BaseEstimator):
         device = resolve_device(self.device)
         for attr in ("prior_", "history_", "net_", "backbone_", "preprocess_", "classes_"):
             self.__dict__.pop(attr, None)
-        with seeded(self.seed, device):
+        with seeded(self.random_state, device):
             clean, preprocess, classes = self._prepare_data(X, y, task)
             example = torch.stack([clean[i][0] for i in range(min(2, len(clean)))])
             backbone, dim = self._build_backbone(preprocess, example)
@@ -507,9 +507,9 @@ class PriorFitter(BaseEstimator):
             self.net_ = net
             net.partial_fit(train, None)
             done = sum(1 for row in net.history if "train_loss" in row)
-            if done < self.epochs or swag.collector_.n_snapshots < planned:
+            if done < self.max_epochs or swag.collector_.n_snapshots < planned:
                 # skorch ends training quietly on Ctrl-C; a prior from a cut-short run is not exported.
-                raise KeyboardInterrupt(f"training interrupted after {done} of {self.epochs} epochs; "
+                raise KeyboardInterrupt(f"training interrupted after {done} of {self.max_epochs} epochs; "
                                         "no prior was exported")
             prior = self._export(net, swag, clean, preprocess, classes, task, device, drop_last)
         self.backbone_ = net.module_.backbone
@@ -521,10 +521,10 @@ class PriorFitter(BaseEstimator):
         return self
 
     def _check_snapshot_plan(self, swag: SwagCallback, steps_per_epoch: int) -> int:
-        planned = swag.planned_snapshots(int(self.epochs), steps_per_epoch)
+        planned = swag.planned_snapshots(int(self.max_epochs), steps_per_epoch)
         if planned < self.rank:
             raise ConfigError(
-                f"this run would collect {planned} SWAG snapshot(s) (epochs={self.epochs}, "
+                f"this run would collect {planned} SWAG snapshot(s) (max_epochs={self.max_epochs}, "
                 f"swag_start={self._swag_start()}, collect_every={self.collect_every} "
                 f"{CollectUnit(self.collect_unit).value}(s), {steps_per_epoch} step(s) per epoch) but "
                 f"rank={self.rank} needs at least {self.rank}; to get more, train more epochs after "
@@ -557,16 +557,16 @@ class PriorFitter(BaseEstimator):
         meta.update(
             source_task=task.value, preprocess=preprocess.to_meta(), library_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            epochs=int(self.epochs), lr=float(self.lr), momentum=float(self.momentum),
+            max_epochs=int(self.max_epochs), lr=float(self.lr), momentum=float(self.momentum),
             weight_decay=float(self.weight_decay), batch_size=int(self.batch_size),
-            seed=None if self.seed is None else int(self.seed), n_source_examples=int(n_examples),
+            random_state=None if self.random_state is None else int(self.random_state), n_source_examples=int(n_examples),
             final_train_loss=float(net.history[-1, "train_loss"]),
             batchnorm="running statistics recomputed for the SWAG mean on the unaugmented source data",
         )
         if classes is not None:
             meta.update(n_classes=len(classes), classes=[str(c) for c in classes])
         else:
-            meta.update(temperature=float(self.temperature), projection_dim=int(self.projection_dim),
+            meta.update(simclr_temperature=float(self.simclr_temperature), projection_dim=int(self.projection_dim),
                         augment={"crop_scale": [0.5, 1.0], "hflip": bool(self.augment_flip),
                                  "noise": float(self.augment_noise)})
         return meta

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from ._validation import check_choice
 from .batchnorm import batchnorm_inputs, recompute_batchnorm
-from .bayes import SamplingPlan
+from .sampling import SamplingPlan
 from .exceptions import ConfigError
 from .prior import Prior
 

@@ -37,7 +37,8 @@ from torch import nn
 
 from .augment import Augment, augment_batch, check_augment
 from .backbones import BackboneWithHead, backbone_from_meta
-from .bayes import BayesianInferenceMixin, Inference
+from .bayes import BayesianInferenceMixin
+from .sampling import Inference
 from .data import Preprocess, TransformedDataset, prepare_images
 from ._device import resolve_device, seeded
 from ._validation import check_choice
@@ -303,12 +304,17 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
             head = [p for p in self.module_.parameters() if id(p) not in ids]
         self.head_params_ = [p for p in head if id(p) not in ids]
 
-    def _update_rule(self) -> PriorUpdate:
+    def initialize_optimizer(self, *args, **kwargs):
+        """skorch's optimizer, then ``prior_update_``: how the prior enters this optimizer's updates."""
+        super().initialize_optimizer(*args, **kwargs)
         rule = PriorUpdate(self.prior_update)
         if rule is PriorUpdate.AUTO:
-            optimizer = getattr(self, "optimizer_", None)
-            return PriorUpdate.PROXIMAL if type(optimizer) is torch.optim.SGD else PriorUpdate.GRADIENT
-        return rule
+            rule = PriorUpdate.PROXIMAL if type(self.optimizer_) is torch.optim.SGD else PriorUpdate.GRADIENT
+        self.prior_update_ = rule.value
+        return self
+
+    def _update_rule(self) -> PriorUpdate:
+        return PriorUpdate(self.prior_update_)
 
     def get_split_datasets(self, X, y=None, **fit_params):
         self._check_split(y)
@@ -402,13 +408,6 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         steps = [lr_of.get(id(p), 0.0) / n for p in self.prior_params_]
         value = self.penalty_.prox_(self.prior_params_, steps)
         self._prior_value_cache_ = (self._param_versions(), value)
-
-    def _langevin_prox(self) -> tuple[PriorPenalty, list[nn.Parameter]] | None:
-        """The penalty whose proximal step follows every optimizer step, and what it covers (SGLD
-        shapes its noise for that step; see :mod:`~sklearn_bayes_transfer.bayes`)."""
-        if self.penalty_ is not None and self._update_rule() is PriorUpdate.PROXIMAL:
-            return self.penalty_, self.prior_params_
-        return None
 
     def _param_versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.prior_params_)

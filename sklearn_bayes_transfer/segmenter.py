@@ -148,7 +148,7 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         Fraction of ``max_epochs`` trained before SWAG collection or SGLD sampling starts.
     sample_every : int, default=1
         Epochs between SWAG snapshots or SGLD samples.
-    temperature : float, default=1.0
+    sgld_temperature : float, default=1.0
         SGLD temperature ``T >= 0``: 1 samples the posterior, < 1 a cold posterior, 0 adds no noise.
     sgld_cycles : int, default=4
         Cosine step size cycles over the SGLD phase; samples come from the low half of each.
@@ -172,7 +172,7 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
     preprocess_ : Preprocess or None
     n_train_ : int
         Number of training images of the last fit (the ``N`` of the loss).
-    prior_scale_, training_plan_
+    prior_scale_, prior_update_, training_plan_
         As in :class:`~sklearn_bayes_transfer.PriorRegularizedClassifier`.
     module_ : nn.Module
     samples_, sample_buffers_ : torch.Tensor
@@ -226,7 +226,7 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         n_samples: int = 20,
         sample_start: float = 0.5,
         sample_every: int = 1,
-        temperature: float = 1.0,
+        sgld_temperature: float = 1.0,
         sgld_cycles: int = 4,
         sample_lr: float | None = None,
         inference_device: str = "cpu",
@@ -255,7 +255,7 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         self.n_samples = n_samples
         self.sample_start = sample_start
         self.sample_every = sample_every
-        self.temperature = temperature
+        self.sgld_temperature = sgld_temperature
         self.sgld_cycles = sgld_cycles
         self.sample_lr = sample_lr
         self.inference_device = inference_device

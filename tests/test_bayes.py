@@ -20,12 +20,9 @@ from torch import nn
 from sklearn_bayes_transfer import ConfigError, Prior, PriorFormatError, PriorPenalty
 from sklearn_bayes_transfer.backbones import get_backbone
 from sklearn_bayes_transfer.batchnorm import BN_MAX_EXAMPLES, batchnorm_buffers, batchnorm_inputs
-from sklearn_bayes_transfer.bayes import (
-    Inference,
-    cyclical_step_size,
-    langevin_noise_,
-    plan_sampling,
-)
+from sklearn_bayes_transfer.sampling import Inference, cyclical_step_size, plan_sampling
+from sklearn_bayes_transfer.bayes import _langevin_prox
+from sklearn_bayes_transfer.sgld import PriorPrecisionSampler, langevin_noise_
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
 from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.metrics import negative_log_likelihood
@@ -144,6 +141,16 @@ def test_noise_shaped_for_the_proximal_step_keeps_the_tempered_prior_invariant(r
 
 
 # -- fits ------------------------------------------------------------------------------------------------
+def test_sgld_noise_is_shaped_for_the_proximal_prior_step(digits, cnn_prior):
+    X, y = digits[0][:20], digits[1][:20]
+    clf = _classifier(cnn_prior, max_epochs=2, inference="sgld", n_samples=1, sgld_cycles=1).fit(X, y)
+    assert clf.prior_update_ == "proximal"
+    sampler, covered = _langevin_prox(clf)
+    assert isinstance(sampler, PriorPrecisionSampler) and covered == clf.prior_params_
+    adam = _classifier(cnn_prior, max_epochs=1, optimizer=torch.optim.Adam).fit(X, y)
+    assert adam.prior_update_ == "gradient" and _langevin_prox(adam) is None
+
+
 def test_sgld_at_temperature_zero_is_sgd_with_the_same_step_sizes(digits, cnn_prior):
     X, y = digits[0][:40], digits[1][:40]
     epochs, batch, lr, cycles = 6, 16, 0.1, 2
@@ -154,9 +161,9 @@ def test_sgld_at_temperature_zero_is_sgd_with_the_same_step_sizes(digits, cnn_pr
     sgd = _classifier(cnn_prior, max_epochs=epochs, batch_size=batch, lr=lr, callbacks=[schedule],
                       optimizer__momentum=0.0, lr_schedule="constant").fit(X, y)
     torch.manual_seed(5)
-    sgld = _classifier(cnn_prior, max_epochs=epochs, batch_size=batch, lr=lr, inference="sgld", temperature=0.0,
+    sgld = _classifier(cnn_prior, max_epochs=epochs, batch_size=batch, lr=lr, inference="sgld", sgld_temperature=0.0,
                        sample_start=0.0, sgld_cycles=cycles, n_samples=2).fit(X, y)
-    assert sgld._update_rule().value == "proximal"  # the default path, prior as a proximal step
+    assert sgld.prior_update_ == "proximal"  # the default path, prior as a proximal step
     for (name, a), b in zip(sgd.module_.named_parameters(), sgld.module_.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     # The kept samples are the iterates at the ends of epochs 1 and 5 (phase = whole run).
@@ -173,7 +180,7 @@ def test_bma_is_the_mean_of_per_sample_softmax_with_recomputed_batchnorm(digits,
     Xtr, ytr, Xte = X[:60], y[:60], X[1000:1100]
     torch.manual_seed(0)
     clf = _classifier(cnn_prior, max_epochs=12, inference=inference, n_samples=3, sgld_cycles=2,
-                      temperature=0.05).fit(Xtr, ytr)
+                      sgld_temperature=0.05).fit(Xtr, ytr)
     assert clf.samples_.dtype == torch.float32 and clf.samples_.device.type == "cpu"
     assert clf.samples_.shape[0] == 3 and clf.sample_buffers_.shape[0] == 3
     proba = clf.predict_proba(Xte)
@@ -281,7 +288,7 @@ def test_extras_that_do_not_fit_the_network_are_refused(digits, cnn_prior):
 @pytest.mark.parametrize("params, match", [
     (dict(n_samples=0), r"n_samples=0 is not valid; expected an integer >= 1"),
     (dict(inference="laplace"), r"inference='laplace' is not valid; expected one of 'map', 'swag', 'sgld'"),
-    (dict(inference="sgld", temperature=-0.5), r"temperature=-0.5 is not valid; expected a finite number >= 0"),
+    (dict(inference="sgld", sgld_temperature=-0.5), r"temperature=-0.5 is not valid; expected a finite number >= 0"),
     (dict(sample_start=1.0, inference="swag"), r"sample_start=1.0 is not valid"),
     (dict(inference="swag", max_epochs=2), r"would collect 1 SWAG snapshot.*at least 2.*max_epochs"),
     (dict(inference="sgld", max_epochs=10, n_samples=20),

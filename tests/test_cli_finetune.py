@@ -260,7 +260,7 @@ def test_same_seed_same_model_and_force(tmp_path):
     prior = write_prior(tmp_path / "prior.pt")
     data = write_folder(tmp_path / "data")
     out = tmp_path / "m.pt"
-    args = ["finetune", "--prior", str(prior), "--data", str(data), "--out", str(out), "--seed", "3", *FAST]
+    args = ["finetune", "--prior", str(prior), "--data", str(data), "--out", str(out), "--random-state", "3", *FAST]
     assert runner.invoke(app, args).exit_code == 0
     first = torch.load(out, weights_only=True)["state_dict"]
     before = out.read_bytes()
@@ -270,7 +270,7 @@ def test_same_seed_same_model_and_force(tmp_path):
     assert runner.invoke(app, [*args, "--force"]).exit_code == 0
     second = torch.load(out, weights_only=True)["state_dict"]
     assert all(torch.equal(first[k], second[k]) for k in first)
-    assert runner.invoke(app, [*args[:-len(FAST)], *FAST, "--force", "--seed", "4"]).exit_code == 0
+    assert runner.invoke(app, [*args[:-len(FAST)], *FAST, "--force", "--random-state", "4"]).exit_code == 0
     third = torch.load(out, weights_only=True)["state_dict"]
     assert not torch.equal(first["head.weight"], third["head.weight"])
 

@@ -20,7 +20,7 @@ from sklearn_bayes_transfer.swag import SwagCallback
 
 
 
-FAST = ["--backbone", "small_cnn", "--backbone-kwargs", '{"width": 4}', "--epochs", "3", "--swag-start", "1",
+FAST = ["--backbone", "small_cnn", "--backbone-kwargs", '{"width": 4}', "--max-epochs", "3", "--swag-start", "1",
         "--rank", "2", "--batch-size", "32", "--device", "cpu", "--quiet"]
 
 

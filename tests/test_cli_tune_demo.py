@@ -154,7 +154,7 @@ def test_tune_refuses_existing_output_before_training(tmp_path):
 
 
 def test_demo_library_rows():
-    prior = fit_digits_prior(epochs=4, width=4, rank=3)
+    prior = fit_digits_prior(max_epochs=4, width=4, rank=3)
     assert prior.meta["source_task"] == "supervised" and prior.rank == 3
     rows = digits_transfer_demo(labels_per_class=3, seeds=[0], max_epochs=2, prior=prior, tune_cv=2)
     assert [r["variant"] for r in rows] == ["standard fine-tuning", "learned prior (default scale)",

@@ -26,7 +26,7 @@ from sklearn_bayes_transfer.swag import SwagCallback, SwagCollector
 
 
 
-FAST = dict(backbone="small_cnn", backbone_kwargs={"width": 4}, epochs=3, swag_start=1, rank=2,
+FAST = dict(backbone="small_cnn", backbone_kwargs={"width": 4}, max_epochs=3, swag_start=1, rank=2,
             batch_size=64, lr=0.1, swag_lr=0.05)
 
 
@@ -56,7 +56,7 @@ def supervised_fit(digits):
     initial_weights = _flat(initial).clone()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SwagCollector, "collect", recording)
-        fitter = PriorFitter(**{**FAST, "backbone": initial, "backbone_kwargs": None, "epochs": 4,
+        fitter = PriorFitter(**{**FAST, "backbone": initial, "backbone_kwargs": None, "max_epochs": 4,
                                 "rank": 3}).fit(X, y)
     # The user's module must come back untouched (fit trains a copy).
     torch.testing.assert_close(_flat(initial), initial_weights, rtol=0, atol=0)
@@ -118,7 +118,7 @@ def test_supervised_fit_exports_a_loadable_prior(supervised_fit, tmp_path) -> No
     assert meta["backbone"] == "small_cnn" and meta["backbone_kwargs"] == {"in_channels": 1, "width": 4}
     assert meta["source_task"] == "supervised" and meta["method"] == "swag"
     assert meta["n_snapshots"] == 3 and meta["rank"] == 3  # epochs 1, 2, 3 of 0..3
-    assert meta["swag_start"] == 1 and meta["epochs"] == 4 and meta["classes"] == [str(c) for c in range(10)]
+    assert meta["swag_start"] == 1 and meta["max_epochs"] == 4 and meta["classes"] == [str(c) for c in range(10)]
     assert Preprocess.from_meta(meta["preprocess"]) == fitter.preprocess_
     path = fitter.save_prior(tmp_path / "digits.pt")
     loaded = Prior.load(path)
@@ -165,8 +165,8 @@ def test_batchnorm_statistics_are_recomputed_for_the_swag_mean(supervised_fit, d
 
 def test_seed_makes_fits_reproducible(digits) -> None:
     X, y = digits[0][:200], digits[1][:200]
-    a = PriorFitter(**FAST, seed=7).fit(X, y).prior_
-    b = PriorFitter(**FAST, seed=7).fit(X, y).prior_
+    a = PriorFitter(**FAST, random_state=7).fit(X, y).prior_
+    b = PriorFitter(**FAST, random_state=7).fit(X, y).prior_
     torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=0)
     torch.testing.assert_close(a.factor, b.factor, rtol=0, atol=0)
 
@@ -210,7 +210,7 @@ def test_rgb_images_with_a_resnet_small_stem() -> None:
     rng = np.random.default_rng(0)
     X = rng.random((4, 3, 8, 8)).astype(np.float32)
     y = np.array([0, 1, 0, 1])
-    fitter = PriorFitter(backbone="resnet18", epochs=2, swag_start=0, rank=2, batch_size=2).fit(X, y)
+    fitter = PriorFitter(backbone="resnet18", max_epochs=2, swag_start=0, rank=2, batch_size=2).fit(X, y)
     assert fitter.prior_.meta["backbone_kwargs"] == {"in_channels": 3, "small_input": True}
     assert fitter.prior_.names[0] == "conv1.weight" and fitter.prior_.shapes[0] == (64, 3, 3, 3)
 
@@ -221,11 +221,11 @@ def test_simclr_fit_exports_a_backbone_prior(digits, tmp_path) -> None:
     torch.manual_seed(5)
     initial = get_backbone("small_cnn", in_channels=1, width=4)
     fitter = PriorFitter(**{**FAST, "backbone": initial, "backbone_kwargs": None, "source_task": "simclr",
-                            "temperature": 0.2}).fit(X)
+                            "simclr_temperature": 0.2}).fit(X)
     prior = fitter.prior_
     assert prior.names == tuple(n for n, _ in initial.named_parameters())  # no projector weights
     assert float((prior.mean - _flat(initial)).abs().max()) > 1e-2
-    assert prior.meta["source_task"] == "simclr" and prior.meta["temperature"] == 0.2
+    assert prior.meta["source_task"] == "simclr" and prior.meta["simclr_temperature"] == 0.2
     assert not hasattr(fitter, "classes_")
     assert np.isfinite(fitter.history_[:, "train_loss"]).all()
     Prior.load(fitter.save_prior(tmp_path / "simclr.pt"))

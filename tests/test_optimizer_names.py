@@ -32,7 +32,7 @@ def test_unknown_optimizer_lists_the_allowed_names():
 @pytest.mark.parametrize("optimizer", ["fop", "adam"])
 def test_prior_fitter_trains_with_a_named_optimizer(optimizer):
     X, y = load_digits_images()
-    fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 4}, epochs=4, rank=2, batch_size=64,
+    fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 4}, max_epochs=4, rank=2, batch_size=64,
                          lr=0.01, optimizer=optimizer).fit(X[:200], y[:200])
     assert type(fitter.net_.optimizer_).__name__ == {"fop": "FOP", "adam": "Adam"}[optimizer]
     assert fitter.prior_.rank == 2
@@ -42,7 +42,7 @@ def test_fit_prior_command_accepts_fop(tmp_path):
     data = write_folder(tmp_path / "imgs", 6)
     out = tmp_path / "prior.pt"
     result = CliRunner().invoke(app, ["fit-prior", "--data", str(data), "--out", str(out), "--backbone", "small_cnn",
-                                      "--backbone-kwargs", '{"width": 4}', "--epochs", "4", "--rank", "2",
+                                      "--backbone-kwargs", '{"width": 4}', "--max-epochs", "4", "--rank", "2",
                                       "--optimizer", "fop", "--quiet"])
     assert result.exit_code == 0, result.output
     assert out.exists()

@@ -217,8 +217,8 @@ def test_eval_mode_agrees_with_train_mode_on_resized_real_digits(digits):
     """Issue #11: 100 real digits resized (8x8 -> 16x16), batches of 32 (a last batch of 4): eval-mode
     predictions on the training images match the train-mode network's within a point."""
     X, y = digits
-    fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 8}, epochs=6, rank=2, image_size=16,
-                         batch_size=64, seed=0).fit(X[y < 5][:300], y[y < 5][:300])
+    fitter = PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 8}, max_epochs=6, rank=2, image_size=16,
+                         batch_size=64, random_state=0).fit(X[y < 5][:300], y[y < 5][:300])
     Xt, yt = X[y >= 5][:100], y[y >= 5][:100]
     clf = PriorRegularizedClassifier(fitter.prior_, prior_structure="none", min_steps=200, verbose=0,
                                      random_state=0).fit(Xt, yt)
@@ -250,8 +250,8 @@ def test_auto_prior_scale_is_the_reference_scale_times_a_thousand(digits, prior)
 
 def test_a_prior_records_the_size_its_backbone_saw(digits):
     X, y = digits
-    fit = lambda **kw: PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 4}, epochs=2, swag_start=0,  # noqa: E731
-                                   rank=2, batch_size=256, seed=0, **kw).fit(X[:300], y[:300]).prior_
+    fit = lambda **kw: PriorFitter(backbone="small_cnn", backbone_kwargs={"width": 4}, max_epochs=2, swag_start=0,  # noqa: E731
+                                   rank=2, batch_size=256, random_state=0, **kw).fit(X[:300], y[:300]).prior_
     assert fit().meta["preprocess"]["image_size"] == [8, 8]
     assert fit(image_size=12).meta["preprocess"]["image_size"] == [12, 12]
     given = {"image_size": None, "channels": 1, "mean": [0.3], "std": [0.3]}
