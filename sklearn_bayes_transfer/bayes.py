@@ -390,7 +390,7 @@ class BayesianInferenceMixin:
         return (total / len(samples)).astype(proba.dtype)
 
     # -- model files ----------------------------------------------------------------------------------------
-    def _model_file_extras(self) -> dict[str, Any]:
+    def posterior_state(self) -> dict[str, Any]:
         """The posterior samples, as tensors and plain containers for a model file (empty for MAP)."""
         samples = getattr(self, "samples_", None)
         if samples is None:
@@ -407,13 +407,16 @@ class BayesianInferenceMixin:
             "sample_buffer_shapes": [list(b.shape) for _, b in bn],
         }
 
-    def _restore_model_file_extras(self, extras: Mapping[str, Any]) -> None:
-        """Restore what :meth:`_model_file_extras` wrote, onto an initialised estimator.
+    def load_posterior_state(self, extras: Mapping[str, Any]) -> None:
+        """Restore what :meth:`posterior_state` wrote, onto an initialised estimator.
+
+        Only fitted state changes: the samples must be of this estimator's ``inference``.
 
         Raises
         ------
         PriorFormatError
-            If the samples are malformed or were taken from a network of other parameters.
+            If the samples are malformed, were taken from a network of other parameters, or are
+            of another kind of inference than the estimator's.
         """
         if not extras or "samples" not in extras:
             return
@@ -440,9 +443,11 @@ class BayesianInferenceMixin:
         if not (isinstance(buffers, torch.Tensor) and tuple(buffers.shape) == (len(samples), b)):
             raise PriorFormatError(f"the model file's 'sample_buffers' must be a tensor of shape ({len(samples)}, "
                                    f"{b}), got {getattr(buffers, 'shape', type(buffers).__name__)}")
-        inference = check_choice(Inference, extras.get("inference", self.inference), "inference")
+        stored = extras.get("inference")
+        if stored != check_choice(Inference, self.inference, "inference").value:
+            raise PriorFormatError(f"the model file's posterior samples are of inference={stored!r} but its "
+                                   f"hyperparameters say inference={self.inference!r}; the file is inconsistent")
         storage = _as_device(self.inference_device)
-        self.inference = inference.value
         # Copies: a model file is read memory-mapped, and the samples outlive it.
         self.samples_ = samples.to(storage, torch.float32, copy=True)
         self.sample_buffers_ = buffers.to(storage, torch.float32, copy=True)

@@ -301,6 +301,25 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
     def _build_head(self, backbone: nn.Module) -> nn.Module:
         return nn.Linear(feature_dim_of(backbone, self._example_input()), len(self.classes_))
 
+    def head_spec(self) -> dict[str, Any]:
+        """The fitted linear head as plain values, for a model file."""
+        head = self.module_.head
+        if type(head) is not nn.Linear:
+            raise ConfigError(f"this estimator has a {type(head).__name__} head, but its model file describes a "
+                              "linear head; pickle this estimator instead, or give the class head_spec / head_from_spec")
+        return {"kind": "linear", "in_features": head.in_features, "out_features": head.out_features,
+                "bias": head.bias is not None}
+
+    @classmethod
+    def head_from_spec(cls, spec: dict[str, Any], backbone: nn.Module) -> nn.Module:
+        """A new linear head from :meth:`head_spec`'s description."""
+        if spec.get("kind") != "linear":
+            raise ConfigError(f"head kind {spec.get('kind')!r} is not known (expected 'linear')")
+        try:
+            return nn.Linear(int(spec["in_features"]), int(spec["out_features"]), bias=bool(spec.get("bias", True)))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"invalid linear head spec {spec!r} ({exc})") from None
+
     def _augment_batch(self, augment: Any, X: Any, y: Any) -> tuple[Any, Any]:
         if not isinstance(X, torch.Tensor) or X.dim() != 4:
             raise ConfigError(f"augment={self.augment!r} transforms image batches (N, C, H, W), but this batch is "

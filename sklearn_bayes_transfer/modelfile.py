@@ -22,35 +22,31 @@ attributes, so ``predict``, ``predict_proba`` and ``score`` work as before savin
 
 Estimator protocol
 ------------------
-An estimator class listed in this module's table is saved generically. It must have
-``_check_fitted()`` (raising :class:`~sklearn.exceptions.NotFittedError`), and it may refine how:
-
-- ``_head_spec() -> dict`` (plain values) and the classmethod
-  ``_build_head_from_spec(spec, backbone) -> nn.Module`` describe and rebuild its head. Without
-  them the head must be an ``nn.Linear`` (the classifier's);
-- the classmethod ``_assemble_module(backbone, head)`` joins them into the network (default:
-  :class:`~sklearn_bayes_transfer.backbones.BackboneWithHead`);
-- ``_model_file_extras() -> dict`` returns extra fitted state made of tensors and plain
-  containers (posterior samples for Bayesian model averaging), stored under ``"samples"``, and
-  ``_restore_model_file_extras(extras)`` puts it back after loading;
-- ``classes_`` (if any) is restored as ``classes_fitted_``, which the estimator's ``classes_``
-  reads.
+An estimator class listed in this module's table is saved generically through
+:class:`SavableEstimator`: scikit-learn's fitted check (``__sklearn_is_fitted__``), a plain
+description of its head and the way back (``head_spec`` / ``head_from_spec``), how backbone and
+head make its network (``assemble_network``), and its posterior samples, if any
+(``posterior_state`` / ``load_posterior_state``). ``classes_`` (if any) is restored as
+``classes_fitted_``, which the estimators' ``classes_`` reads. Loading sets fitted state only: the
+hyperparameters are the ones the file recorded.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 import math
 import os
 import warnings
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._version import __version__
@@ -62,13 +58,39 @@ from .exceptions import BayesTransferError, PriorFormatError
 from .prior import FORMAT_NAME as PRIOR_FORMAT_NAME
 from .backbones import BackboneWithHead
 
-__all__ = ["MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION", "ModelFileError", "load_model", "save_model"]
+__all__ = ["MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION", "ModelFileError", "SavableEstimator", "load_model", "save_model"]
 
 MODEL_FORMAT_NAME = "sklearn-bayes-transfer/model"
 MODEL_FORMAT_VERSION = 1
 
 #: The estimators a model file may name, and the module of this package that defines each. A
 #: file only ever selects an entry of this table: nothing named inside a file is imported.
+class SavableEstimator(Protocol):
+    """What an estimator offers to be written to and rebuilt from a model file."""
+
+    module_: nn.Module
+
+    def __sklearn_is_fitted__(self) -> bool:
+        """Whether the estimator is fitted (scikit-learn's ``check_is_fitted`` asks this)."""
+
+    def head_spec(self) -> dict[str, Any]:
+        """The fitted network's head as plain values (kind and sizes)."""
+
+    @classmethod
+    def head_from_spec(cls, spec: dict[str, Any], backbone: nn.Module) -> nn.Module:
+        """A new head from :meth:`head_spec`'s description."""
+
+    @classmethod
+    def assemble_network(cls, backbone: nn.Module, head: nn.Module) -> nn.Module:
+        """The network made of a backbone and a head."""
+
+    def posterior_state(self) -> dict[str, Any]:
+        """Posterior samples as tensors and plain containers; empty without any."""
+
+    def load_posterior_state(self, state: Mapping[str, Any]) -> None:
+        """Put :meth:`posterior_state`'s samples back on an initialised estimator."""
+
+
 _ESTIMATOR_MODULES: dict[str, str] = {
     "PriorRegularizedClassifier": "classifier",
     "PriorRegularizedSegmenter": "segmenter",
@@ -134,7 +156,7 @@ def _model_payload(estimator: Any) -> dict[str, Any]:
                              f"{', '.join(_ESTIMATOR_MODULES)}; pickle this estimator instead "
                              "(pickle.dump / joblib.dump)")
     try:
-        estimator._check_fitted()
+        check_is_fitted(estimator)
     except NotFittedError:
         raise ModelFileError(f"this {name} is not fitted yet; call fit before saving it") from None
     module = estimator.module_
@@ -146,8 +168,7 @@ def _model_payload(estimator: Any) -> dict[str, Any]:
     classes = getattr(estimator, "classes_", None) if hasattr(estimator, "classes_fitted_") else None
     preprocess = getattr(estimator, "preprocess_", None)
     fitted = {attr.rstrip("_"): getattr(estimator, attr) for attr in _FITTED_ATTRIBUTES if hasattr(estimator, attr)}
-    extras_of = getattr(estimator, "_model_file_extras", None)
-    extras = extras_of() if extras_of is not None else None
+    extras = estimator.posterior_state()
     prior = getattr(estimator, "prior_", None)
     optimizer = getattr(estimator, "optimizer", None)
     return {
@@ -155,13 +176,13 @@ def _model_payload(estimator: Any) -> dict[str, Any]:
         "version": MODEL_FORMAT_VERSION,
         "estimator": name,
         "backbone": _plain(arch, "backbone"),
-        "head": _plain(_head_spec(estimator, module.head), "head spec"),
+        "head": _plain(_head_spec(estimator), "head spec"),
         "classes": None if classes is None else [_plain_label(c) for c in np.asarray(classes).tolist()],
         "preprocess": preprocess.to_meta() if preprocess is not None else None,
         "hyperparameters": _hyperparameters(estimator),
         "fitted": _plain(fitted, "fitted attributes"),
         "state_dict": {k: v.detach().to("cpu") for k, v in module.state_dict().items()},
-        "samples": _plain(extras, "_model_file_extras()", tensors=True) if extras else None,
+        "samples": _plain(extras, "posterior samples", tensors=True) if extras else None,
         "meta": {
             "library_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -171,14 +192,11 @@ def _model_payload(estimator: Any) -> dict[str, Any]:
     }
 
 
-def _head_spec(estimator: Any, head: nn.Module) -> dict[str, Any]:
-    if hasattr(estimator, "_head_spec"):
-        return estimator._head_spec()
-    if type(head) is nn.Linear:
-        return {"kind": "linear", "in_features": head.in_features, "out_features": head.out_features,
-                "bias": head.bias is not None}
-    raise ModelFileError(f"{type(estimator).__name__} has a {type(head).__name__} head that a model file cannot "
-                         "describe (it needs _head_spec / _build_head_from_spec); pickle the estimator instead")
+def _head_spec(estimator: SavableEstimator) -> dict[str, Any]:
+    try:
+        return estimator.head_spec()
+    except BayesTransferError as exc:
+        raise ModelFileError(str(exc)) from None
 
 
 def _hyperparameters(estimator: Any) -> dict[str, Any]:
@@ -239,12 +257,7 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu") -> Any:
 
 def _rebuild(cls: type, payload: dict[str, Any], source: str, device: str) -> Any:
     backbone = backbone_from_meta(payload["backbone"])
-    if hasattr(cls, "_build_head_from_spec"):
-        head = cls._build_head_from_spec(payload["head"], backbone)
-    else:
-        head = _linear_head(payload["head"], source)
-    assemble = getattr(cls, "_assemble_module", None)
-    module = assemble(backbone, head) if assemble is not None else BackboneWithHead(backbone, head)
+    module = cls.assemble_network(backbone, cls.head_from_spec(payload["head"], backbone))
     _load_state(module, payload["state_dict"], source)
 
     params = _restorable_hyperparameters(cls, payload["hyperparameters"], source)
@@ -266,11 +279,7 @@ def _rebuild(cls: type, payload: dict[str, Any], source: str, device: str) -> An
             value = payload["fitted"][key]
             setattr(estimator, attr, tuple(value) if isinstance(value, list) else value)
     if payload["samples"] is not None:
-        restore = getattr(estimator, "_restore_model_file_extras", None)
-        if restore is None:
-            raise ModelFileError(f"model file '{source}' holds posterior samples, but this version's "
-                                 f"{cls.__name__} cannot restore them (upgrade sklearn-bayes-transfer)")
-        restore(payload["samples"])
+        estimator.load_posterior_state(payload["samples"])
     return estimator
 
 
@@ -313,15 +322,6 @@ def _estimator_class(name: Any, source: str) -> type:
         raise ModelFileError(f"model file '{source}': estimator {name!r} is not available in this installation "
                              "(upgrade sklearn-bayes-transfer)") from None
     return getattr(module, name)
-
-
-def _linear_head(spec: dict[str, Any], source: str) -> nn.Module:
-    if spec.get("kind") != "linear":
-        raise ModelFileError(f"model file '{source}': head kind {spec.get('kind')!r} is not known (expected 'linear')")
-    try:
-        return nn.Linear(int(spec["in_features"]), int(spec["out_features"]), bias=bool(spec.get("bias", True)))
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise ModelFileError(f"model file '{source}': invalid linear head spec {spec!r} ({exc})") from None
 
 
 def _load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

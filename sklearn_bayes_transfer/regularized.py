@@ -151,8 +151,11 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         except AttributeError:
             raise AttributeError(f"{type(self).__name__} has no attribute 'classes_' before fit") from None
 
+    def __sklearn_is_fitted__(self) -> bool:
+        return bool(getattr(self, "initialized_", False)) and hasattr(self, "classes_fitted_")
+
     def _check_fitted(self) -> None:
-        if not getattr(self, "initialized_", False) or not hasattr(self, "classes_fitted_"):
+        if not self.__sklearn_is_fitted__():
             raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet; call 'fit' first")
 
     # -- preprocessing --------------------------------------------------------------------------
@@ -279,7 +282,7 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         if self.module is None:
             backbone = backbone_from_meta(self.prior_.meta)
             _load_prior_state(backbone, self.prior_)
-            self.module_ = self._assemble_module(backbone, self._build_head(backbone))
+            self.module_ = self.assemble_network(backbone, self._build_head(backbone))
         else:
             super().initialize_module()
         self._bind_prior()
@@ -453,12 +456,12 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         raise NotImplementedError
 
     @classmethod
-    def _assemble_module(cls, backbone: nn.Module, head: nn.Module) -> nn.Module:
+    def assemble_network(cls, backbone: nn.Module, head: nn.Module) -> nn.Module:
         """The default network from the rebuilt backbone and the new head.
 
-        It must keep the backbone as its ``backbone`` child (the prior binds under ``backbone.``
-        and everything else counts as head). Segmentation wraps them differently. A classmethod,
-        so that a model-file loader can rebuild the network from the estimator class.
+        It keeps the backbone as its ``backbone`` child (the prior binds under ``backbone.`` and
+        everything else counts as head). Segmentation wraps them differently. A classmethod, so
+        that a model file can be turned back into the network (:mod:`~sklearn_bayes_transfer.modelfile`).
         """
         return BackboneWithHead(backbone, head)
 

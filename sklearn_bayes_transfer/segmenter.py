@@ -436,11 +436,12 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
                                        len(self.classes_))
 
     @classmethod
-    def _assemble_module(cls, backbone: nn.Module, head: nn.Module) -> nn.Module:
+    def assemble_network(cls, backbone: nn.Module, head: nn.Module) -> nn.Module:
         return SegmentationModel(backbone, head)
 
     # -- model files (see sklearn_bayes_transfer.modelfile) --------------------------------------
-    def _head_spec(self) -> dict[str, Any]:
+    def head_spec(self) -> dict[str, Any]:
+        """The fitted head as plain values, for a model file."""
         head = getattr(self.module_, "head", None)
         kinds = {FCNHead: SegmentationHead.FCN, DeepLabV3Head: SegmentationHead.DEEPLABV3}
         if type(head) not in kinds:
@@ -449,7 +450,8 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         return {"kind": kinds[type(head)].value, "in_channels": head.in_channels, "n_classes": head.n_classes}
 
     @classmethod
-    def _build_head_from_spec(cls, spec: dict[str, Any], backbone: nn.Module) -> nn.Module:
+    def head_from_spec(cls, spec: dict[str, Any], backbone: nn.Module) -> nn.Module:
+        """A new head from :meth:`head_spec`'s description."""
         try:
             return build_segmentation_head(spec["kind"], int(spec["in_channels"]), int(spec["n_classes"]))
         except (KeyError, TypeError, ValueError) as exc:

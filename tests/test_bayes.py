@@ -273,15 +273,19 @@ def test_extras_that_do_not_fit_the_network_are_refused(digits, cnn_prior):
     X, y = digits
     torch.manual_seed(0)
     clf = _classifier(cnn_prior, inference="swag", n_samples=2).fit(X[:50], y[:50])
-    extras = clf._model_file_extras()
+    extras = clf.posterior_state()
     assert set(extras) >= {"samples", "sample_buffers", "inference"}
     other = _classifier(Prior.from_module(get_backbone("small_cnn", width=2), variance=0.01),
                         inference="swag").fit(X[:50], y[:50])
     with pytest.raises(PriorFormatError, match="do not fit this network"):
-        other._restore_model_file_extras(extras)
+        other.load_posterior_state(extras)
     bad = dict(extras, samples=extras["samples"][:, :-1])
     with pytest.raises(PriorFormatError, match="'samples' must be"):
-        clf._restore_model_file_extras(bad)
+        clf.load_posterior_state(bad)
+    # Loading changes fitted state only: samples of another inference than the estimator's are refused.
+    with pytest.raises(PriorFormatError, match="inference='sgld'.*inconsistent"):
+        clf.load_posterior_state(dict(extras, inference="sgld"))
+    assert clf.inference == "swag"
 
 
 # -- bad input --------------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def test_unfitted_and_user_modules_are_refused(tmp_path):
 
 
 def test_head_protocol(monkeypatch, tmp_path):
-    """A head that is not a bare Linear needs the estimator's _head_spec / _build_head_from_spec."""
+    """A head that is not a bare Linear needs the estimator's head_spec / head_from_spec."""
     def build_head(self, backbone):
         return nn.Sequential(nn.Linear(backbone.feature_dim, 5), nn.Tanh(), nn.Linear(5, len(self.classes_)))
 
@@ -154,34 +154,28 @@ def test_head_protocol(monkeypatch, tmp_path):
         return nn.Sequential(nn.Linear(spec["in_features"], spec["hidden"]), nn.Tanh(),
                              nn.Linear(spec["hidden"], spec["out_features"]))
 
-    monkeypatch.setattr(PriorRegularizedClassifier, "_head_spec", head_spec, raising=False)
-    monkeypatch.setattr(PriorRegularizedClassifier, "_build_head_from_spec", classmethod(build_from_spec),
-                        raising=False)
+    monkeypatch.setattr(PriorRegularizedClassifier, "head_spec", head_spec)
+    monkeypatch.setattr(PriorRegularizedClassifier, "head_from_spec", classmethod(build_from_spec))
     path = save_model(clf, tmp_path / "m.pt")
     assert torch.load(path, weights_only=True)["head"]["kind"] == "mlp"
     np.testing.assert_array_equal(load_model(path).predict_proba(X), clf.predict_proba(X))
 
 
 def test_extras_protocol(monkeypatch, fitted, tmp_path):
-    """Posterior samples travel as tensors through _model_file_extras / _restore_model_file_extras."""
+    """Posterior samples travel as tensors through posterior_state / load_posterior_state."""
     clf, _, _ = fitted
     samples = torch.randn(4, 7)
-    monkeypatch.setattr(PriorRegularizedClassifier, "_model_file_extras",
-                        lambda self: {"samples": samples, "n_samples": np.int64(4)}, raising=False)
+    monkeypatch.setattr(PriorRegularizedClassifier, "posterior_state",
+                        lambda self: {"samples": samples, "n_samples": np.int64(4)})
     path = save_model(clf, tmp_path / "m.pt")
     restored = {}
-    monkeypatch.setattr(PriorRegularizedClassifier, "_restore_model_file_extras",
-                        lambda self, extras: restored.update(extras), raising=False)
+    monkeypatch.setattr(PriorRegularizedClassifier, "load_posterior_state",
+                        lambda self, extras: restored.update(extras))
     load_model(path)
     assert restored["n_samples"] == 4 and type(restored["n_samples"]) is int
     torch.testing.assert_close(restored["samples"], samples, rtol=0, atol=0)
 
-    monkeypatch.setattr(PriorRegularizedClassifier, "_restore_model_file_extras", None)
-    with pytest.raises(ModelFileError, match="posterior samples"):
-        load_model(path)
-
-    monkeypatch.setattr(PriorRegularizedClassifier, "_model_file_extras",
-                        lambda self: {"callback": print}, raising=False)
+    monkeypatch.setattr(PriorRegularizedClassifier, "posterior_state", lambda self: {"callback": print})
     with pytest.raises(ModelFileError, match="builtin_function_or_method"):
         save_model(clf, tmp_path / "bad.pt")
 
