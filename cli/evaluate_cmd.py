@@ -30,22 +30,15 @@ from sklearn_bayes_transfer.modelfile import load_model
 from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter
 
 from ._app import app, check_output, console, handle_errors, resolve_device
-from .predict_cmd import (
-    MASK_CHUNK,
-    check_classifier,
-    collect_image_names,
-    image_dataset,
-    image_file_size,
-    model_channels,
-)
+from ._images import MASK_CHUNK, check_classifier, collect_image_names, image_dataset, image_file_size, model_channels
 
-__all__ = ["evaluate", "segmentation_scores", "true_class_indices"]
+__all__ = ["evaluate"]
 
 #: Equal-width confidence bins of the ECE when ``--bins`` is not given.
 DEFAULT_BINS = 15
 
 
-def true_class_indices(folder_classes: list[str], targets: np.ndarray, model_classes: np.ndarray,
+def _true_class_indices(folder_classes: list[str], targets: np.ndarray, model_classes: np.ndarray,
                        data: Path) -> np.ndarray:
     """Column of ``model_classes`` for every image, matching folder names to labels as text.
 
@@ -100,7 +93,7 @@ def _evaluation_size(estimator: PriorRegularizedSegmenter, paths: list[Path], da
     return preprocess.image_size
 
 
-def segmentation_scores(estimator: PriorRegularizedSegmenter, data: Path, masks: Path) -> dict[str, Any]:
+def _segmentation_scores(estimator: PriorRegularizedSegmenter, data: Path, masks: Path) -> dict[str, Any]:
     """Mean IoU, pixel accuracy and per-class IoU (NaN where a class is absent from both the truth
     and the prediction) of ``estimator`` on the images in ``data`` and their masks in ``masks``.
 
@@ -153,7 +146,7 @@ def _evaluate_segmenter(estimator: PriorRegularizedSegmenter, model: Path, data:
         raise ConfigError(f"{' and '.join(calibration)} measure a classifier's calibration; model file '{model}' "
                           "holds a PriorRegularizedSegmenter, for which evaluate reports IoU: drop "
                           f"{'it' if len(calibration) == 1 else 'them'}")
-    info = {"model": str(model), **segmentation_scores(estimator, data, masks)}
+    info = {"model": str(model), **_segmentation_scores(estimator, data, masks)}
     if as_json:
         # JSON has no NaN: a class without an IoU is null.
         per_class = {label: None if math.isnan(value) else value for label, value in info["per_class_iou"].items()}
@@ -194,7 +187,7 @@ def evaluate(
     check_output(diagram, force)
     folder = ImageFolder(data, labeled=True)
     classes = np.asarray(estimator.classes_)
-    y = true_class_indices(folder.classes, folder.targets, classes, data)
+    y = _true_class_indices(folder.classes, folder.targets, classes, data)
     proba = estimator.predict_proba(image_dataset(folder.paths, estimator))
     info: dict[str, Any] = {"model": str(model), "data": str(data), "n_images": len(y),
                             "classes": [str(c) for c in classes.tolist()], "bins": bins,

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import numpy as np
-import torch
 import typer
 from skorch.callbacks import EarlyStopping, EpochScoring, ProgressBar
 from skorch.dataset import ValidSplit
@@ -42,7 +41,7 @@ from ._options import (
     recipe_arguments,
 )
 
-__all__ = ["Task", "finetune"]
+__all__ = ["finetune"]
 
 #: ``--ignore-index`` when not given: the "void" value of Pascal VOC-style masks.
 DEFAULT_IGNORE_INDEX = 255

@@ -14,10 +14,10 @@ from sklearn_bayes_transfer.prior import Prior
 
 from ._app import app, console, handle_errors
 
-__all__ = ["inspect", "prior_summary"]
+__all__ = ["inspect"]
 
 
-def prior_summary(prior: Prior, path: Path) -> dict[str, Any]:
+def _prior_summary(prior: Prior, path: Path) -> dict[str, Any]:
     """The facts ``inspect`` reports, as plain python (the ``--json`` payload)."""
     meta = prior.meta
     return {
@@ -56,7 +56,7 @@ def inspect(
 ) -> None:
     """Show a prior's backbone, size, variance statistics and reference scale lambda_0."""
     prior = Prior.load(prior_path)
-    info = prior_summary(prior, prior_path)
+    info = _prior_summary(prior, prior_path)
     if as_json:
         # A prior whose variances are all 0 has lambda_0 = inf: printed as null, so the output parses.
         typer.echo(json.dumps(_finite_or_none(info), indent=2, default=str, allow_nan=False))

@@ -7,55 +7,26 @@ import csv
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import numpy as np
 import torch
 import typer
-from PIL import Image, UnidentifiedImageError
 
 from sklearn_bayes_transfer._io import atomic_write
-from sklearn_bayes_transfer.data import IMAGE_EXTENSIONS, ImageFolder, load_image, save_mask
+from sklearn_bayes_transfer.data import save_mask
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
 from sklearn_bayes_transfer.exceptions import ConfigError, DataError, OutputExistsError
 from sklearn_bayes_transfer.modelfile import load_model
 from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter
 
 from ._app import app, check_output, console, handle_errors, resolve_device
+from ._images import (MASK_CHUNK, ImageFiles, check_classifier, collect_image_names, image_dataset, image_file_size,
+                      model_channels)
 
-__all__ = ["ImageFiles", "check_classifier", "collect_image_names", "collect_images",
-           "image_dataset", "image_file_size", "load_classifier", "mask_destinations", "model_channels", "predict",
-           "predict_masks"]
+__all__ = ["predict"]
 
-#: Images per ``predict`` call of a segmenter: bounds the (n, classes, H, W) probabilities held at once.
-MASK_CHUNK = 16
-
-
-def collect_image_names(arguments: Sequence[Path]) -> list[tuple[Path, str]]:
-    """Image files named on the command line, each with a name for what is written about it.
-
-    A folder is searched recursively (sorted); its images are named by their path relative to it
-    without extension (``images/cat/1.png`` -> ``cat/1``, the name by which
-    :func:`~sklearn_bayes_transfer.data.load_segmentation_folder` pairs an image with its mask). A
-    file named directly is named by its stem, and must carry an image extension; a folder must
-    hold at least one image.
-    """
-    entries: list[tuple[Path, str]] = []
-    for arg in arguments:
-        if not arg.exists():
-            raise DataError(f"'{arg}' does not exist")
-        if arg.is_dir():
-            entries.extend((path, path.relative_to(arg).with_suffix("").as_posix())
-                           for path in ImageFolder(arg, labeled=False).paths)
-        elif arg.suffix.lower() in IMAGE_EXTENSIONS:
-            entries.append((arg, arg.stem))
-        else:
-            raise DataError(f"'{arg}' is not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)}); "
-                            "remove it from the arguments")
-    return entries
-
-
-def collect_images(arguments: Sequence[Path]) -> list[Path]:
+def _collect_images(arguments: Sequence[Path]) -> list[Path]:
     """Image files named on the command line, with folders expanded recursively (sorted).
 
     A named file must carry an image extension; a folder must hold at least one image.
@@ -63,79 +34,9 @@ def collect_images(arguments: Sequence[Path]) -> list[Path]:
     return [path for path, _ in collect_image_names(arguments)]
 
 
-def check_classifier(estimator: Any, path: Path) -> PriorRegularizedClassifier:
-    """``estimator``, which must be a classifier (label CSVs and calibration are about classes)."""
-    if not isinstance(estimator, PriorRegularizedClassifier):
-        raise ConfigError(f"model file '{path}' holds a {type(estimator).__name__}; this command works with "
-                          "classification models (PriorRegularizedClassifier)")
-    return estimator
-
-
-def load_classifier(path: Path, device: str) -> PriorRegularizedClassifier:
+def _load_classifier(path: Path, device: str) -> PriorRegularizedClassifier:
     """The model file's estimator, which must be a classifier (these commands print class labels)."""
     return check_classifier(load_model(path, device=device), path)
-
-
-def image_file_size(path: Path) -> tuple[int, int]:
-    """``(height, width)`` from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise DataError(f"'{path}' is not an image file Pillow can read; remove it or move it out of the "
-                        "way") from None
-    return height, width
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Image files decoded lazily, one ``(image, 0)`` pair per file, in a common geometry.
-
-    Parameters
-    ----------
-    paths : sequence of pathlib.Path
-    channels : {1, 3} or None
-        Convert every image to this many channels.
-    image_size : (int, int) or None
-        Resize every image to ``(H, W)``; ``None`` keeps each file's own size.
-    """
-
-    def __init__(self, paths: Sequence[Path], *, channels: int | None,
-                 image_size: tuple[int, int] | None) -> None:
-        self.paths = list(paths)
-        self.channels = channels
-        self.image_size = image_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return load_image(self.paths[index], self.channels, self.image_size), 0
-
-
-def model_channels(estimator: Any) -> int | None:
-    """The number of channels the fitted ``estimator``'s network reads (``None``: unknown)."""
-    preprocess = getattr(estimator, "preprocess_", None)
-    shape = getattr(estimator, "input_shape_", None)
-    return preprocess.channels if preprocess is not None else (shape[0] if shape else None)
-
-
-def image_dataset(paths: Sequence[Path], estimator: Any) -> ImageFiles:
-    """The files in the geometry ``estimator`` expects; every file is checked to be an image first.
-
-    Images are resized to the model's recorded input size; a model without one needs images
-    of a single size.
-    """
-    sizes = [image_file_size(path) for path in paths]
-    preprocess = getattr(estimator, "preprocess_", None)
-    channels = model_channels(estimator)
-    size = preprocess.image_size if preprocess is not None else None
-    if size is None:
-        for path, hw in zip(paths, sizes):
-            if hw != sizes[0]:
-                raise DataError(f"images have different sizes: '{paths[0]}' is {sizes[0][0]}x{sizes[0][1]} and "
-                                f"'{path}' is {hw[0]}x{hw[1]} (height x width), and the model records no input "
-                                "size to resize them to; resize them to one size first")
-    return ImageFiles(paths, channels=channels, image_size=size)
 
 
 def _csv(paths: Sequence[Path], labels: np.ndarray, proba: np.ndarray | None, classes: np.ndarray) -> str:
@@ -153,7 +54,7 @@ def _csv(paths: Sequence[Path], labels: np.ndarray, proba: np.ndarray | None, cl
     return buffer.getvalue()
 
 
-def mask_destinations(entries: Sequence[tuple[Path, str]], out_dir: Path, force: bool) -> list[tuple[Path, Path]]:
+def _mask_destinations(entries: Sequence[tuple[Path, str]], out_dir: Path, force: bool) -> list[tuple[Path, Path]]:
     """``(image, out_dir/<name>.png)`` for each named image, checked before anything is written.
 
     An image listed twice is written once; two images that would write one file, or mask files
@@ -185,7 +86,7 @@ def _check_mask_classes(estimator: PriorRegularizedSegmenter, path: Path) -> Non
                           "mask (0..255); predict in Python instead (load_model(...).predict)")
 
 
-def predict_masks(estimator: PriorRegularizedSegmenter, paths: Sequence[Path]) -> list[np.ndarray]:
+def _predict_masks(estimator: PriorRegularizedSegmenter, paths: Sequence[Path]) -> list[np.ndarray]:
     """One mask ``(H, W)`` of class ids (``uint8``) per image, at the image's own size.
 
     Images are read at their own size and predicted a few at a time, images of one size
@@ -209,8 +110,8 @@ def predict_masks(estimator: PriorRegularizedSegmenter, paths: Sequence[Path]) -
 
 def _write_masks(estimator: PriorRegularizedSegmenter, images: Sequence[Path], out_dir: Path, force: bool) -> int:
     """Predict every image's mask, then write each (atomically) as ``out_dir/<name>.png``; the number written."""
-    targets = mask_destinations(collect_image_names(images), out_dir, force)
-    masks = predict_masks(estimator, [path for path, _ in targets])
+    targets = _mask_destinations(collect_image_names(images), out_dir, force)
+    masks = _predict_masks(estimator, [path for path, _ in targets])
     for (_, destination), mask in zip(targets, masks):
         destination.parent.mkdir(parents=True, exist_ok=True)
         save_mask(mask, destination, overwrite=force)
@@ -262,7 +163,7 @@ def predict(
                           f"{type(estimator).__name__}, which predicts one label per image; use --out FILE for a "
                           "CSV of labels (or leave it out to print them)")
     check_output(out, force)
-    paths = collect_images(images)
+    paths = _collect_images(images)
     probabilities = estimator.predict_proba(image_dataset(paths, estimator))
     classes = np.asarray(estimator.classes_)
     labels = classes[probabilities.argmax(axis=1)]

@@ -39,7 +39,6 @@ import math
 import os
 import warnings
 from datetime import datetime, timezone
-from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 

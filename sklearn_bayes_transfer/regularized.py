@@ -35,7 +35,7 @@ from skorch.callbacks import Callback, PassthroughScoring
 from skorch.dataset import ValidSplit, unpack_data
 from torch import nn
 
-from .augment import Augment, augment_batch, check_augment
+from .augment import Augment, check_augment
 from .backbones import BackboneWithHead, backbone_from_meta
 from .bayes import BayesianInferenceMixin
 from .sampling import Inference

@@ -9,6 +9,13 @@
 - ``kernel_build`` / ``compiled(name)``: the compiled CPU kernels, built for this CPU and
   portably (no ``-march``), or a skip where no C compiler is found; ``threads`` restores torch's
   thread count after a test changes it.
+
+Helpers several test modules share (imported ``from conftest import ...``):
+
+- the float64 reference of the prior term: ``reference`` (a ``LowRankMultivariateNormal``),
+  ``ref_penalty_and_grad``, ``point_near``, ``flat_grad``, ``assert_grad_close``;
+- command-line fixtures: ``write_folder`` (a labelled folder of tiny PNGs), ``write_prior`` (a
+  small_cnn prior file) and ``one_line_error`` (a failed command printed one line and no traceback).
 """
 
 from __future__ import annotations
@@ -19,13 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
+from torch.distributions import LowRankMultivariateNormal
 
 from sklearn_bayes_transfer import Prior, _kernel
+from sklearn_bayes_transfer.backbones import get_backbone
 
-__all__ = ["MLP_SHAPES", "OfficialFiles", "TinyResNet", "make_mlp", "make_random_prior"]
+__all__ = ["CLASSES", "MLP_SHAPES", "PREPROCESS", "OfficialFiles", "TinyResNet", "assert_grad_close", "flat_grad",
+           "make_mlp", "make_random_prior", "one_line_error", "point_near", "ref_penalty_and_grad", "reference",
+           "write_folder", "write_prior"]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -230,3 +243,78 @@ def official_prior(tmp_path: Path) -> Callable[..., OfficialFiles]:
         return OfficialFiles(prefix, model, mean, diag, deviations, covmat, [n for n, _ in backbone])
 
     return make
+
+
+# -- the float64 reference of the prior term -----------------------------------------------------------------
+def reference(prior: Prior, structure: str, scale: float, eps: float) -> LowRankMultivariateNormal:
+    """The scaled, reduced prior as a float64 torch distribution."""
+    reduced = prior.reduce(structure)
+    factor = reduced.factor.to(torch.float64)
+    if factor.shape[0] == 0:  # the distribution needs one column; a zero column adds nothing
+        factor = torch.zeros(1, reduced.n_params, dtype=torch.float64)
+    return LowRankMultivariateNormal(
+        reduced.mean.to(torch.float64),
+        cov_factor=(math.sqrt(scale) * factor).T.contiguous(),
+        cov_diag=scale * reduced.variance.to(torch.float64) + eps,
+    )
+
+
+def ref_penalty_and_grad(dist: LowRankMultivariateNormal, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``-log p(w) + log p(mean)`` and its gradient, in float64."""
+    w64 = w.detach().to(torch.float64).requires_grad_(True)
+    value = -dist.log_prob(w64) + dist.log_prob(dist.loc)
+    (grad,) = torch.autograd.grad(value, w64)
+    return value.detach(), grad
+
+
+def point_near(prior: Prior, seed: int = 1) -> torch.Tensor:
+    """A weight vector ``mean + r`` whose deviation has a diagonal and a low-rank component."""
+    g = torch.Generator().manual_seed(seed)
+    r = prior.variance.sqrt() * torch.randn(prior.n_params, generator=g)
+    if prior.rank:
+        r = r + prior.factor.float().T @ torch.randn(prior.rank, generator=g)
+    return prior.mean + r
+
+
+def flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in params]).to(torch.float64)
+
+
+def assert_grad_close(ours: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
+    torch.testing.assert_close(ours.to(torch.float64), ref, rtol=rtol, atol=rtol * float(ref.abs().max()))
+
+
+# -- command-line fixtures ---------------------------------------------------------------------------------------
+CLASSES = ("ant", "bee", "cat")
+PREPROCESS = {"image_size": [8, 8], "channels": 1, "mean": [0.5], "std": [0.25]}
+
+
+def one_line_error(result, *needles: str) -> str:
+    """A failed command: exit code 1, no traceback, one stderr line holding every needle."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # handled, not a crash
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def write_folder(root: Path, n_per_class: int = 6, *, seed: int = 0, size=(8, 8),
+                 classes=CLASSES) -> Path:
+    """Grey PNGs whose brightness depends on the class, so a tiny network can tell them apart."""
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            pixels = np.clip(rng.normal(50 + 75 * k, 15, size), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def write_prior(path: Path, *, width: int = 4, meta=None, with_preprocess: bool = True) -> Path:
+    torch.manual_seed(0)
+    info = {"preprocess": PREPROCESS} if with_preprocess else {}
+    info.update(meta or {})
+    return Prior.from_module(get_backbone("small_cnn", width=width), variance=0.01, meta=info).save(path)

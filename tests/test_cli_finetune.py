@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import CLASSES, PREPROCESS, one_line_error, write_folder, write_prior
 from sklearn_bayes_transfer import Prior
 from sklearn_bayes_transfer.backbones import get_backbone
 from sklearn_bayes_transfer.cli.app import app
@@ -20,42 +21,9 @@ from sklearn_bayes_transfer.data import load_image_folder
 from sklearn_bayes_transfer.modelfile import load_model
 
 runner = CliRunner()
-CLASSES = ("ant", "bee", "cat")
-PREPROCESS = {"image_size": [8, 8], "channels": 1, "mean": [0.5], "std": [0.25]}
 FAST = ["--max-epochs", "3", "--lr", "0.05", "--batch-size", "8", "--quiet"]
 
 
-
-
-def one_line_error(result, *needles: str) -> str:
-    """A failed command: exit code 1, no traceback, one stderr line holding every needle."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit)  # handled, not a crash
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:") and "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def write_folder(root: Path, n_per_class: int = 6, *, seed: int = 0, size=(8, 8),
-                 classes=CLASSES) -> Path:
-    """Grey PNGs whose brightness depends on the class, so a tiny network can tell them apart."""
-    rng = np.random.default_rng(seed)
-    for k, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(n_per_class):
-            pixels = np.clip(rng.normal(50 + 75 * k, 15, size), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
-
-
-def write_prior(path: Path, *, width: int = 4, meta=None, with_preprocess: bool = True) -> Path:
-    torch.manual_seed(0)
-    info = {"preprocess": PREPROCESS} if with_preprocess else {}
-    info.update(meta or {})
-    return Prior.from_module(get_backbone("small_cnn", width=width), variance=0.01, meta=info).save(path)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_cli_finetune import one_line_error, write_folder, write_prior
+from conftest import one_line_error, write_folder, write_prior
 from typer.testing import CliRunner
 
 from sklearn_bayes_transfer import Prior

@@ -21,7 +21,7 @@ from sklearn_bayes_transfer.demo import digits_transfer_demo, fit_digits_prior
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.modelfile import load_model
 from sklearn_bayes_transfer.tuning import default_param_grid, prefer_default, results_table, select_index
-from test_cli_finetune import one_line_error, write_folder, write_prior
+from conftest import one_line_error, write_folder, write_prior
 
 runner = CliRunner()
 

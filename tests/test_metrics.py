@@ -14,7 +14,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss, log_loss
 from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold, cross_val_score
 
-from sklearn_bayes_transfer import metrics
 from sklearn_bayes_transfer.exceptions import ConfigError, DataError, OutputExistsError
 from sklearn_bayes_transfer.metrics import (
     SCORERS,

@@ -10,7 +10,7 @@ from sklearn_bayes_transfer import ConfigError, PriorFitter
 from sklearn_bayes_transfer.cli.app import app
 from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.optim import FOP, optimizer_arguments
-from test_cli_finetune import write_folder
+from conftest import write_folder
 
 
 @pytest.mark.parametrize("name, cls, has_momentum", [("sgd", torch.optim.SGD, True),

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.distributions import LowRankMultivariateNormal
 
+from conftest import assert_grad_close, flat_grad, point_near, ref_penalty_and_grad, reference
 from sklearn_bayes_transfer import ConfigError, Prior, PriorMismatchError, PriorPenalty
 from sklearn_bayes_transfer._kernel import KernelUnavailable, load_kernel
 
@@ -35,36 +36,6 @@ def backend(request) -> str:
     return request.param
 
 
-def reference(prior: Prior, structure: str, scale: float, eps: float) -> LowRankMultivariateNormal:
-    """The scaled, reduced prior as a float64 torch distribution."""
-    reduced = prior.reduce(structure)
-    factor = reduced.factor.to(torch.float64)
-    if factor.shape[0] == 0:  # the distribution needs one column; a zero column adds nothing
-        factor = torch.zeros(1, reduced.n_params, dtype=torch.float64)
-    return LowRankMultivariateNormal(
-        reduced.mean.to(torch.float64),
-        cov_factor=(math.sqrt(scale) * factor).T.contiguous(),
-        cov_diag=scale * reduced.variance.to(torch.float64) + eps,
-    )
-
-
-def ref_penalty_and_grad(dist: LowRankMultivariateNormal, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``-log p(w) + log p(mean)`` and its gradient, in float64."""
-    w64 = w.detach().to(torch.float64).requires_grad_(True)
-    value = -dist.log_prob(w64) + dist.log_prob(dist.loc)
-    (grad,) = torch.autograd.grad(value, w64)
-    return value.detach(), grad
-
-
-def point_near(prior: Prior, seed: int = 1) -> torch.Tensor:
-    """A weight vector ``mean + r`` whose deviation has a diagonal and a low-rank component."""
-    g = torch.Generator().manual_seed(seed)
-    r = prior.variance.sqrt() * torch.randn(prior.n_params, generator=g)
-    if prior.rank:
-        r = r + prior.factor.float().T @ torch.randn(prior.rank, generator=g)
-    return prior.mean + r
-
-
 def load_into(module: nn.Module, prior: Prior, w: torch.Tensor) -> list[nn.Parameter]:
     """Copy the flat ``w`` into ``module`` (whose parameters are the prior's, in order)."""
     params = list(module.parameters())
@@ -73,14 +44,6 @@ def load_into(module: nn.Module, prior: Prior, w: torch.Tensor) -> list[nn.Param
         for p, view in zip(params, prior.split(w).values()):
             p.copy_(view)
     return params
-
-
-def flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) for p in params]).to(torch.float64)
-
-
-def assert_grad_close(ours: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
-    torch.testing.assert_close(ours.to(torch.float64), ref, rtol=rtol, atol=rtol * float(ref.abs().max()))
 
 
 class Wrapper(nn.Module):

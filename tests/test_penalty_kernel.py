@@ -17,7 +17,7 @@ from sklearn_bayes_transfer import _kernel
 from sklearn_bayes_transfer import penalty as penalty_module
 from sklearn_bayes_transfer.penalty import _Segments
 
-from test_penalty import assert_grad_close, flat_grad, point_near, ref_penalty_and_grad, reference
+from conftest import assert_grad_close, flat_grad, point_near, ref_penalty_and_grad, reference
 
 # 1200 elements (cut into segments of 1100 + 100 below), 700 (one full block of 512 and a
 # partial one), 1155 in four dimensions (1100 + 55), a one-element tensor and a small bias.

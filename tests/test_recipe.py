@@ -86,8 +86,8 @@ def test_the_schedule_is_linear_warm_up_then_cosine_as_torch_computes_it(digits,
 def test_constant_schedule_and_base_rate_restored(digits, prior):
     X, y = digits[0][:64], digits[1][:64]
     record = LearningRates()
-    clf = PriorRegularizedClassifier(prior, min_steps=10, lr=0.03, lr_schedule="constant", verbose=0,
-                                     callbacks=[("lrs", record)]).fit(X, y)
+    PriorRegularizedClassifier(prior, min_steps=10, lr=0.03, lr_schedule="constant", verbose=0,
+                               callbacks=[("lrs", record)]).fit(X, y)
     assert record.lrs == [0.03] * 10
     cosine = PriorRegularizedClassifier(prior, min_steps=10, lr=0.03, verbose=0).fit(X, y)
     assert cosine.optimizer_.param_groups[0]["lr"] == 0.03  # partial_fit starts a new schedule from it
