@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=5, help="labelled images per class")
     parser.add_argument("--epochs", type=int, default=40, help="fine-tuning epochs (full batch)")
     parser.add_argument("--backend", choices=["auto", "torch"], default="auto",
-                        help="FOP's backend for the overhead table (auto: the compiled kernel if it builds)")
+                        help="FOP's backend for the overhead table (auto: the compiled kernel if it was built at install time)")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-finetune", action="store_true")
     args = parser.parse_args()
@@ -150,7 +150,7 @@ def main() -> None:
 
     if not args.skip_overhead:
         try:
-            ran = "compiled kernel" if args.backend == "auto" and load_kernel("fop") else "torch operations"
+            ran = f"the compiled kernel {load_kernel().__name__}" if args.backend == "auto" else "torch operations"
         except KernelUnavailable as exc:
             ran = f"torch operations (no kernel: {exc})"
         print(f"ResNet-18, batch 32 x 3x64x64, {args.threads} threads, medians of "

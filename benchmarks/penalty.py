@@ -4,9 +4,7 @@
 Run:  python benchmarks/penalty.py [--repeats 9] [--threads 2] [--ranks 5 20] [--skip-distributions]
 
 Per configuration it prints medians (ms) of:
-- ours:  PriorPenalty value + backward (two streamed passes over the factor) with the default
-  backend (the compiled kernel when it builds here; the header says which),
-- torch passes: the same with ``backend="torch"`` (no compiler needed),
+- ours:  PriorPenalty value + backward (two streamed passes over the factor, torch operations),
 - floor: two full reductions over the precomputed factor W (the same bytes our passes read),
 - torch.distributions: LowRankMultivariateNormal.log_prob on the concatenated parameters with
   autograd (the official code's route), built once outside the timing.
@@ -22,7 +20,6 @@ import torch
 import torchvision
 
 from sklearn_bayes_transfer import Prior, PriorPenalty
-from sklearn_bayes_transfer._kernel import KernelUnavailable, load_kernel
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -63,13 +60,8 @@ def main() -> None:
     d = sum(p.numel() for p in params)
     print(f"ResNet-18 backbone: D = {d:,} parameters, {len(params)} tensors, {args.threads} threads, "
           f"median of {args.repeats}")
-    try:
-        load_kernel()
-        print("ours = compiled kernel (backend='auto')")
-    except KernelUnavailable as exc:
-        print(f"ours = torch passes, the kernel is unavailable: {exc}")
-    header = (f"{'K':>3} {'factor':>9} | {'ours ms':>8} {'floor ms':>9} {'ours/floor':>10} | {'torch passes':>12} "
-              f"{'/floor':>6} | {'distributions ms':>16} {'speed-up':>8}")
+    header = (f"{'K':>3} {'factor':>9} | {'ours ms':>8} {'floor ms':>9} {'ours/floor':>10} | "
+              f"{'distributions ms':>16} {'speed-up':>8}")
     print(header)
     print("-" * len(header))
     for rank in args.ranks:
@@ -90,35 +82,26 @@ def main() -> None:
             penalty = PriorPenalty(prior, scale=1.0, factor_dtype=dtype)
             penalty(params)  # builds W on first use
             w_t = penalty._cache[(torch.device("cpu"), torch.float32)].w_t
-            torch_only = PriorPenalty(prior, scale=1.0, factor_dtype=dtype, backend="torch")
-
-            def run(pen: PriorPenalty) -> None:
-                for p in params:
-                    p.grad = None
-                pen(params).backward()
 
             def ours() -> None:
-                run(penalty)
-
-            def torch_passes() -> None:
-                run(torch_only)
+                for p in params:
+                    p.grad = None
+                penalty(params).backward()
 
             def floor() -> None:
                 w_t.sum()
                 w_t.sum()
 
-            # Interleave the timings so drifts of the machine's speed hit all three alike.
-            t_ours, t_floor, t_torch = [], [], []
+            # Interleave the timings so drifts of the machine's speed hit both alike.
+            t_ours, t_floor = [], []
             for _ in range(3):
                 t_ours.append(median_ms(ours, args.repeats))
                 t_floor.append(median_ms(floor, args.repeats))
-                t_torch.append(median_ms(torch_passes, max(3, args.repeats // 3)))
-            t_ours, t_floor, t_torch = (statistics.median(t) for t in (t_ours, t_floor, t_torch))
-            del torch_only
+            t_ours, t_floor = statistics.median(t_ours), statistics.median(t_floor)
             name = str(dtype).replace("torch.", "")
             dist_txt = f"{dist_ms:16.1f} {dist_ms / t_ours:7.1f}x" if dist_ms else f"{'-':>16} {'-':>8}"
-            print(f"{rank:>3} {name:>9} | {t_ours:8.1f} {t_floor:9.1f} {t_ours / t_floor:9.2f}x | {t_torch:12.1f} "
-                  f"{t_torch / t_floor:5.2f}x | {dist_txt}", flush=True)
+            print(f"{rank:>3} {name:>9} | {t_ours:8.1f} {t_floor:9.1f} {t_ours / t_floor:9.2f}x | {dist_txt}",
+                  flush=True)
 
 
 if __name__ == "__main__":

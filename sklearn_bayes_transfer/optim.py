@@ -310,7 +310,7 @@ class FOP(torch.optim.Optimizer):
         self.backend = check_choice(Backend, backend, "backend")
         if self.backend is Backend.COMPILED:
             try:
-                _kernel.load_kernel("fop")
+                _kernel.load_kernel()
             except _kernel.KernelUnavailable as exc:
                 raise ConfigError(f"FOP: backend='compiled' but the kernel is unavailable: {exc}; "
                                   "use backend='auto' to fall back to torch") from None
@@ -427,7 +427,7 @@ class FOP(torch.optim.Optimizer):
         if backend is Backend.TORCH or (backend is Backend.AUTO and _kernel.kernel_disabled()):
             return None
         try:
-            return _kernel.load_kernel("fop")
+            return _kernel.load_kernel()
         except _kernel.KernelUnavailable:
             return None
 
@@ -451,7 +451,7 @@ class FOP(torch.optim.Optimizer):
         dims = torch.tensor([d for _, d in layers], dtype=torch.int64)
         width = _KERNEL_MAX_DIM * _KERNEL_MAX_DIM
         partial = torch.empty(plan.count, width)
-        _kernel.run_segments(lib, lib.bt_fop_gram, plan.ranges, plan.layer.data_ptr(), plan.first.data_ptr(),
+        _kernel.run_segments(lib, lib.gram, plan.ranges, plan.layer.data_ptr(), plan.first.data_ptr(),
                              plan.end.data_ptr(), u_ptr.data_ptr(), g_ptr.data_ptr(), dims.data_ptr(),
                              partial.data_ptr())
         grams = torch.zeros(len(layers), width).index_add_(0, plan.layer, partial)
@@ -489,7 +489,7 @@ class FOP(torch.optim.Optimizer):
         dims = torch.tensor([d for _, d in layers], dtype=torch.int64)
         lrs = torch.tensor([float(group["lr"]) for *_, group, _ in updates])
         moms = torch.tensor([float(group["momentum"]) for *_, group, _ in updates])
-        _kernel.run_segments(lib, lib.bt_fop_update, plan.ranges, plan.layer.data_ptr(), plan.first.data_ptr(),
+        _kernel.run_segments(lib, lib.update, plan.ranges, plan.layer.data_ptr(), plan.first.data_ptr(),
                              plan.end.data_ptr(), u_ptr.data_ptr(), g_ptr.data_ptr(), p_ptr.data_ptr(),
                              dims.data_ptr(), pmat.data_ptr(), lrs.data_ptr(), moms.data_ptr())
 

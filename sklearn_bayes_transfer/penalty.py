@@ -10,10 +10,8 @@ once; every evaluation is then one streamed pass over ``W`` for the value
 and one more for the gradient ``r / d - W z`` (in a custom autograd function, so backward is
 exactly that second pass). The passes walk the parameters in chunks that stay in cache, so no
 per-step concatenation of the weights happens and a bfloat16 / float16 factor is upcast chunk by
-chunk. On CPU, with float32 weights and a float32 or bfloat16 factor, both passes run in a small
-compiled kernel (:mod:`._kernel`) that fuses the elementwise work into the read of the factor;
-elsewhere, or without a C compiler, the torch passes do the same arithmetic. See ``docs/design.md``
-("Computing the prior term at the memory floor").
+chunk. See ``docs/design.md`` ("Computing the prior term at the memory floor"); a compiled version of
+the passes was measured and removed (``docs/deviations.md`` #7).
 """
 
 from __future__ import annotations
@@ -25,9 +23,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import _kernel
-from ._kernel import Backend
-from ._validation import check_choice
 from .exceptions import ConfigError, PriorMismatchError
 from .prior import Prior, PriorStructure, named_parameters_for
 
@@ -51,33 +46,6 @@ class _Chunk:
     start: int  # offset in the flat prior vector
     stop: int
     pieces: tuple[_Piece, ...]
-
-
-#: Elements per segment of the compiled kernel (a piece of one parameter tensor).
-_SEGMENT_SIZE = 1 << 16
-
-
-class _Segments:
-    """The kernel's segment table: each parameter cut into pieces, split into balanced ranges."""
-
-    def __init__(self, sizes: Sequence[int], n_threads: int) -> None:
-        param, start, offset, length = [], [], [], []
-        pos = 0
-        for i, n in enumerate(sizes):
-            for a in range(0, n, _SEGMENT_SIZE):
-                param.append(i), start.append(a), offset.append(pos + a), length.append(min(n - a, _SEGMENT_SIZE))
-            pos += n
-        self.param = torch.tensor(param, dtype=torch.int64)
-        self.start_bytes = torch.tensor(start, dtype=torch.int64) * 4  # float32 elements
-        self.offset = torch.tensor(offset, dtype=torch.int64)
-        self.length = torch.tensor(length, dtype=torch.int64)
-        self.count = len(param)
-        self.ranges = _kernel.balanced_ranges(length, n_threads)
-
-    def pointers(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Address of each segment's first element in ``tensors`` (contiguous float32)."""
-        bases = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-        return bases[self.param] + self.start_bytes
 
 
 def _plan_chunks(sizes: Sequence[int], chunk_size: int) -> tuple[_Chunk, ...]:
@@ -129,18 +97,11 @@ class _Mahalanobis(torch.autograd.Function):
     @staticmethod
     def forward(ctx, penalty: "PriorPenalty", with_grad: bool, *params: torch.Tensor) -> torch.Tensor:
         pre = penalty._precomputed(params)
-        lib = penalty._kernel_for(pre, params)
-        ctx.buffers = None
-        if lib is not None:
-            # The kernel leaves r / d in buffers of this evaluation's own, which its backward
-            # turns into the gradients in place.
-            z, diag_sum, ctx.buffers = penalty._first_pass_kernel(lib, pre, params, with_grad)
-        else:
-            z, diag_sum = penalty._first_pass(pre, params)
+        z, diag_sum = penalty._first_pass(pre, params)
         # Combine in float64: the two sums nearly cancel along the prior's low-rank directions.
         z64 = z.to(torch.float64)
         value = (diag_sum.to(torch.float64) - torch.dot(z64, z64)) * 0.5
-        ctx.penalty, ctx.pre, ctx.lib = penalty, pre, lib
+        ctx.penalty, ctx.pre = penalty, pre
         # The first pass left r / d in a buffer the backward reuses, unless a later evaluation
         # overwrote it (then the backward recomputes it from the saved weights).
         ctx.generation = pre.generation
@@ -151,11 +112,7 @@ class _Mahalanobis(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         z, *params = ctx.saved_tensors
         reuse = ctx.generation == ctx.pre.generation
-        if ctx.lib is not None:
-            buffers, ctx.buffers = ctx.buffers, None  # consumed: a second backward recomputes them
-            grads = ctx.penalty._second_pass_kernel(ctx.lib, ctx.pre, params, z, grad_output, buffers)
-        else:
-            grads = ctx.penalty._second_pass(ctx.pre, params, z, grad_output.to(z.dtype), reuse)
+        grads = ctx.penalty._second_pass(ctx.pre, params, z, grad_output.to(z.dtype), reuse)
         return (None, None, *grads)
 
 
@@ -183,10 +140,6 @@ class PriorPenalty:
     chunk_size : int, optional
         Elements per streamed chunk of the torch passes (default: 131072 on CPU, 4M on
         accelerators).
-    backend : {"auto", "compiled", "torch"}, default="auto"
-        Implementation of the passes (see :class:`~sklearn_bayes_transfer.Backend`). ``"auto"`` builds a small C
-        kernel with the system compiler on first use (cached under ``~/.cache``) and falls back to
-        torch operations where it does not apply or cannot be built.
 
     Examples
     --------
@@ -209,7 +162,6 @@ class PriorPenalty:
         structure: PriorStructure | str = PriorStructure.LOWRANK,
         factor_dtype: torch.dtype | None = None,
         chunk_size: int | None = None,
-        backend: Backend | str = Backend.AUTO,
     ) -> None:
         if not isinstance(prior, Prior):
             raise ConfigError(f"prior must be a Prior, got {type(prior).__name__}; load files with Prior.load(path)")
@@ -227,15 +179,6 @@ class PriorPenalty:
                               "'isotropic' ('none' means no penalty at all)") from None
         if structure is PriorStructure.NONE:
             raise ConfigError("prior_structure='none' has no penalty to compute; skip the PriorPenalty instead")
-        backend = check_choice(Backend, backend, "backend")
-        self._kernel = None
-        if backend is Backend.COMPILED:
-            try:
-                self._kernel = _kernel.load_kernel()
-            except _kernel.KernelUnavailable as exc:
-                raise ConfigError(f"backend='compiled' but the penalty kernel is unavailable: {exc}; "
-                                  "use backend='auto' to fall back to torch") from None
-        self.backend = backend
         self.prior = prior.reduce(structure)
         self.scale, self.eps, self.structure = float(scale), float(eps), structure
         self.factor_dtype = factor_dtype
@@ -243,7 +186,6 @@ class PriorPenalty:
         self._setup()
         self._cache: dict[tuple, _Precomputed] = {}
         self._plans: dict[tuple, tuple[_Chunk, ...]] = {}
-        self._segment_tables: dict[int, _Segments] = {}
 
     # -- precomputation ----------------------------------------------------------------------
     def _setup(self) -> None:
@@ -298,74 +240,6 @@ class PriorPenalty:
         for p, name, shape in zip(params, self.prior.names, self.prior.shapes):
             if tuple(p.shape) != shape:
                 raise PriorMismatchError(f"parameter {name!r} has shape {tuple(p.shape)}, the prior expects {shape}")
-
-    # -- compiled kernel ------------------------------------------------------------------------
-    def _kernel_for(self, pre: _Precomputed, params: Sequence[torch.Tensor]):
-        """The kernel library when it runs these passes, else ``None`` (torch passes)."""
-        if self.backend is Backend.TORCH:
-            return None
-        fits = (pre.device.type == "cpu" and pre.dtype == torch.float32
-                and pre.w_t.dtype in (torch.float32, torch.bfloat16)
-                and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params))
-        if self.backend is Backend.COMPILED:
-            if not fits:
-                raise ConfigError("backend='compiled' needs float32 weights on the CPU and a float32 or bfloat16 "
-                                  f"factor, got {params[0].dtype} weights on {params[0].device} and a "
-                                  f"{pre.w_t.dtype} factor; use backend='auto'")
-            return self._kernel
-        if not fits or _kernel.kernel_disabled():
-            return None
-        try:
-            return _kernel.load_kernel()
-        except _kernel.KernelUnavailable:
-            return None
-
-    def _segments(self, params: Sequence[torch.Tensor]) -> _Segments:
-        self._check(params)
-        n_threads = max(1, torch.get_num_threads())
-        if n_threads not in self._segment_tables:
-            self._segment_tables[n_threads] = _Segments([math.prod(s) for s in self.prior.shapes], n_threads)
-        return self._segment_tables[n_threads]
-
-    def _value_kernel(self, lib, pre: _Precomputed, params: Sequence[torch.Tensor],
-                      out: Sequence[torch.Tensor] | None, scale: torch.Tensor | None = None, dot_q: bool = False):
-        """Kernel value pass: per-segment ``W^T r`` (float64, segments x K) and ``r . q`` with
-        ``q = r * scale`` (``scale`` defaults to ``1/d``); ``q`` goes into the float32 tensors ``out``
-        (one per parameter) unless ``out`` is ``None``. With ``dot_q`` the sums are ``W^T q``."""
-        seg = self._segments(params)
-        weights = [p.detach().contiguous() for p in params]  # a no-op for the usual contiguous weights
-        w_ptr = seg.pointers(weights)
-        out_ptr = seg.pointers(out) if out is not None else None
-        k = self.prior.rank
-        z = torch.empty(seg.count, k, dtype=torch.float64)
-        diag = torch.empty(seg.count, dtype=torch.float64)
-        fn = lib.bt_value_bf16 if pre.w_t.dtype == torch.bfloat16 else lib.bt_value_f32
-        _kernel.run_segments(lib, fn, seg.ranges, w_ptr.data_ptr(), None if out_ptr is None else out_ptr.data_ptr(),
-                             seg.offset.data_ptr(), seg.length.data_ptr(), pre.mean.data_ptr(),
-                             (pre.inv_d if scale is None else scale).data_ptr(), pre.w_t.data_ptr(),
-                             self.prior.n_params, k, int(dot_q), z.data_ptr(), diag.data_ptr())
-        return z, diag
-
-    def _first_pass_kernel(self, lib, pre: _Precomputed, params: Sequence[torch.Tensor], with_grad: bool):
-        """``(W^T r, r . r/d)`` and, when a backward will follow, the buffers holding ``r / d``
-        that the gradient pass turns into the gradients in place."""
-        buffers = [torch.empty(p.shape, dtype=torch.float32) for p in params] if with_grad else None
-        z, diag = self._value_kernel(lib, pre, params, buffers)
-        return z.sum(0), diag.sum(), buffers
-
-    def _second_pass_kernel(self, lib, pre: _Precomputed, params: Sequence[torch.Tensor], z: torch.Tensor,
-                            grad_output: torch.Tensor, buffers: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        if buffers is None:  # no buffers from the forward (e.g. a second backward): recompute r / d
-            buffers = [torch.empty(p.shape, dtype=torch.float32) for p in params]
-            self._value_kernel(lib, pre, params, buffers)
-        seg = self._segments(params)
-        g_ptr = seg.pointers(buffers)
-        go = float(grad_output)
-        zg = (z.to(torch.float64) * go).to(torch.float32).contiguous()
-        fn = lib.bt_grad_bf16 if pre.w_t.dtype == torch.bfloat16 else lib.bt_grad_f32
-        _kernel.run_segments(lib, fn, seg.ranges, g_ptr.data_ptr(), seg.offset.data_ptr(), seg.length.data_ptr(),
-                             go, zg.data_ptr(), pre.w_t.data_ptr(), self.prior.n_params, self.prior.rank)
-        return buffers
 
     # -- streamed passes ------------------------------------------------------------------------
     @staticmethod
@@ -506,9 +380,6 @@ class PriorPenalty:
         self._check(params)
         pre = self._precomputed(params)
         shrink, b_inv, chol, gram = self._prox_terms(pre, params, step)
-        lib = self._kernel_for(pre, params)
-        if lib is not None:
-            return self._prox_kernel(lib, pre, params, shrink, b_inv, chol, gram)
         plan = self._plan(params)
         k, dtype, device = self.prior.rank, pre.dtype, pre.device
         size = max(c.stop - c.start for c in plan)
@@ -548,31 +419,6 @@ class PriorPenalty:
                 p.detach().copy_(f.view(p.shape))
         z = t + gram @ c if k else t  # W^T (v - m), from K x K algebra instead of a third pass
         return float(0.5 * (diag.sum().to(torch.float64) - z.dot(z)))
-
-    def _prox_kernel(self, lib, pre: _Precomputed, params: Sequence[torch.Tensor], shrink: torch.Tensor,
-                     b_inv: torch.Tensor, chol: torch.Tensor, gram: torch.Tensor) -> float:
-        """:meth:`prox_` with the compiled passes: ``u = r * shrink`` and ``t = W^T u``, then
-        ``v = u + b_inv * (W c)`` written into the weights and ``v . v / d`` for the value."""
-        k = self.prior.rank
-        u = [torch.empty(p.shape, dtype=torch.float32) for p in params]
-        ts, _ = self._value_kernel(lib, pre, params, u, scale=shrink, dot_q=True)
-        t = ts.sum(0)
-        c = torch.cholesky_solve(t.unsqueeze(1), chol).squeeze(1) if k else t
-        c32 = c.to(torch.float32).contiguous()
-        # The new weights go straight into contiguous parameters, through a buffer for others.
-        targets = [p.detach() if p.is_contiguous() else torch.empty(p.shape, dtype=torch.float32) for p in params]
-        seg = self._segments(params)
-        u_ptr, w_ptr = seg.pointers(u), seg.pointers(targets)
-        diag = torch.empty(seg.count, dtype=torch.float64)
-        fn = lib.bt_prox_bf16 if pre.w_t.dtype == torch.bfloat16 else lib.bt_prox_f32
-        _kernel.run_segments(lib, fn, seg.ranges, u_ptr.data_ptr(), w_ptr.data_ptr(), seg.offset.data_ptr(),
-                             seg.length.data_ptr(), c32.data_ptr(), b_inv.data_ptr(), pre.inv_d.data_ptr(),
-                             pre.mean.data_ptr(), pre.w_t.data_ptr(), self.prior.n_params, k, diag.data_ptr())
-        for p, target in zip(params, targets):
-            if not p.is_contiguous():
-                p.detach().copy_(target)
-        z = t + gram @ c if k else t  # W^T (v - m), from K x K algebra instead of a third pass
-        return float(0.5 * (diag.sum() - z.dot(z)))
 
     def _prox_terms(self, pre: _Precomputed, params: Sequence[torch.Tensor], step: float | Sequence[float]):
         if isinstance(step, torch.Tensor) and step.dim() == 0:

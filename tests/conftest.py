@@ -6,9 +6,8 @@
 - ``official_prior``: writes the four files of the paper repository's format
   (``<prefix>_model.pt``, ``_mean.pt``, ``_variance.pt``, ``_covmat.pt``) for a small ResNet-like
   module, from simulated SWAG snapshots, and returns the prefix with the raw ingredients;
-- ``kernel_build`` / ``compiled(name)``: the compiled CPU kernels, built for this CPU and
-  portably (no ``-march``), or a skip where no C compiler is found; ``threads`` restores torch's
-  thread count after a test changes it.
+- ``fop_kernel``: each compiled FOP kernel module built at install time that this CPU runs, in
+  charge of FOP, or a skip; ``threads`` restores torch's thread count after a test changes it.
 
 Helpers several test modules share (imported ``from conftest import ...``):
 
@@ -50,35 +49,16 @@ def _one_torch_thread():
     yield
     torch.set_num_threads(threads)
 
-@pytest.fixture(scope="session")
-def portable_kernel_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("portable-kernels")
-
-
-@pytest.fixture(params=["native", "portable"])
-def kernel_build(request, monkeypatch, portable_kernel_cache) -> str:
-    """Both builds of the compiled kernels: for this CPU (AVX-512 here) and without -march, which
-    takes the code paths of CPUs without AVX-512 (vector extensions lowered to SSE, no streaming
-    stores). The portable libraries are built once per session in their own cache directory."""
-    if request.param == "portable":
-        monkeypatch.setattr(_kernel, "_FLAG_SETS", (_kernel._BASE_FLAGS + ["-fopenmp"], _kernel._BASE_FLAGS))
-        monkeypatch.setenv("SKLEARN_BAYES_TRANSFER_CACHE", str(portable_kernel_cache))
-    _kernel._load.cache_clear()
-    yield request.param
-    _kernel._load.cache_clear()
-
-
-@pytest.fixture
-def compiled(kernel_build) -> Callable[[str], Any]:
-    """``compiled(name)``: the kernel library of that build, or a skip where no compiler builds it."""
-
-    def load(name: str):
-        try:
-            return _kernel.load_kernel(name)
-        except _kernel.KernelUnavailable as exc:
-            pytest.skip(f"the compiled kernel cannot be built here: {exc}")
-
-    return load
+@pytest.fixture(params=["generic", "x86_64_v3", "x86_64_v4"])
+def fop_kernel(request, monkeypatch):
+    """Each compiled FOP kernel module built at install time that this CPU can run (the generic
+    one takes the code paths of CPUs without AVX2 or AVX-512), put in charge of FOP; a skip where
+    that level was not built (no C compiler at install time, another architecture, an older CPU)."""
+    module = _kernel.available_kernels().get(request.param)
+    if module is None:
+        pytest.skip(f"the {request.param} FOP kernel was not built for this installation or cannot run on this CPU")
+    monkeypatch.setattr(_kernel, "load_kernel", lambda: module)
+    return module
 
 
 @pytest.fixture

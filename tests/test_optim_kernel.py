@@ -19,8 +19,8 @@ from sklearn_bayes_transfer.optim import FOP
 
 
 @pytest.fixture
-def kernel(compiled):
-    return compiled("fop")
+def kernel(fop_kernel):
+    return fop_kernel
 
 
 
@@ -202,22 +202,28 @@ def test_environment_switch_turns_the_kernel_off(kernel, monkeypatch):
     assert FOP([nn.Parameter(torch.zeros(2, 3))])._kernel_library() is None
 
 
-def test_backend_errors(monkeypatch, tmp_path):
+def test_backend_errors(monkeypatch):
     with pytest.raises(ConfigError, match=r"backend='fast' is not valid; expected one of 'auto', 'compiled', 'torch'"):
         FOP([nn.Parameter(torch.zeros(2, 3))], backend="fast")
-    monkeypatch.setenv("SKLEARN_BAYES_TRANSFER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setenv("PATH", str(tmp_path))
-    _kernel._load.cache_clear()
-    try:
-        with pytest.raises(ConfigError, match=r"FOP: backend='compiled'.*no C compiler found.*backend='auto'"):
-            FOP([nn.Parameter(torch.zeros(2, 3))], backend="compiled")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            model = nn.Linear(3, 2)
-            opt = FOP(model.parameters())  # auto: falls back silently
-            for _ in range(2):
-                model.weight.grad, model.bias.grad = torch.ones_like(model.weight), torch.ones_like(model.bias)
-                opt.step()
-    finally:
-        _kernel._load.cache_clear()
+    monkeypatch.setattr(_kernel, "_best", lambda: None)  # an installation built without a C compiler
+    with pytest.raises(ConfigError, match=r"FOP: backend='compiled'.*not built.*backend='auto'"):
+        FOP([nn.Parameter(torch.zeros(2, 3))], backend="compiled")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = nn.Linear(3, 2)
+        opt = FOP(model.parameters())  # auto: falls back silently
+        for _ in range(2):
+            model.weight.grad, model.bias.grad = torch.ones_like(model.weight), torch.ones_like(model.bias)
+            opt.step()
+
+
+def test_the_best_built_level_for_this_cpu_is_loaded():
+    kernels = _kernel.available_kernels()
+    if not kernels:
+        pytest.skip("no compiled FOP kernel was built for this installation")
+    level = kernels["generic"].cpu_level()
+    assert level in (0, 1, 3, 4)
+    assert ("x86_64_v4" in kernels) <= (level >= 4) and ("x86_64_v3" in kernels) <= (level >= 3)
+    best = next(kernels[name] for name in ("x86_64_v4", "x86_64_v3", "generic") if name in kernels)
+    assert _kernel.load_kernel() is best
+    assert isinstance(best.openmp(), bool)

@@ -15,7 +15,6 @@ from torch.distributions import LowRankMultivariateNormal
 
 from conftest import assert_grad_close, flat_grad, point_near, ref_penalty_and_grad, reference
 from sklearn_bayes_transfer import ConfigError, Prior, PriorMismatchError, PriorPenalty
-from sklearn_bayes_transfer._kernel import KernelUnavailable, load_kernel
 
 STRUCTURES = ["lowrank", "diag", "isotropic"]
 SCALES = [1e-6, 1e-3, 1.0, 1e3, 1e6, 1e10]
@@ -25,17 +24,6 @@ ODD_SHAPES = ((4, 3), (4,), (5, 4), (5,), (2, 5), (2,))
 
 
 # -- helpers ------------------------------------------------------------------------------------
-@pytest.fixture(params=["torch", "compiled"])
-def backend(request) -> str:
-    """Both implementations of the passes; the compiled one only where a C compiler builds it."""
-    if request.param == "compiled":
-        try:
-            load_kernel()
-        except KernelUnavailable as exc:
-            pytest.skip(f"the compiled kernel cannot be built here: {exc}")
-    return request.param
-
-
 def load_into(module: nn.Module, prior: Prior, w: torch.Tensor) -> list[nn.Parameter]:
     """Copy the flat ``w`` into ``module`` (whose parameters are the prior's, in order)."""
     params = list(module.parameters())
@@ -67,11 +55,11 @@ class WithHead(nn.Module):
 @pytest.mark.parametrize("structure", STRUCTURES)
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("eps", [0.0, 1e-3])
-def test_matches_low_rank_mvn(random_prior, mlp, structure, scale, eps, backend):
+def test_matches_low_rank_mvn(random_prior, mlp, structure, scale, eps):
     prior = random_prior(rank=3, seed=2)
     w = point_near(prior)
     params = load_into(mlp, prior, w)
-    penalty = PriorPenalty(prior, scale=scale, eps=eps, structure=structure, backend=backend)
+    penalty = PriorPenalty(prior, scale=scale, eps=eps, structure=structure)
     dist = reference(prior, structure, scale, eps)
     ref_value, ref_grad = ref_penalty_and_grad(dist, torch.cat([p.detach().reshape(-1) for p in params]))
 
@@ -112,11 +100,10 @@ def test_zero_at_the_mean(random_prior, mlp):
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 13, 53, 10_000])
 @pytest.mark.parametrize("structure", ["lowrank", "isotropic"])
-def test_chunks_spanning_and_cutting_parameters(random_prior, mlp, chunk_size, structure, backend):
+def test_chunks_spanning_and_cutting_parameters(random_prior, mlp, chunk_size, structure):
     prior = random_prior(ODD_SHAPES, rank=4, seed=5)
     params = load_into(mlp, prior, point_near(prior, seed=6))
-    penalty = PriorPenalty(prior, scale=3.0, eps=1e-4, structure=structure, chunk_size=chunk_size,
-                           backend=backend)
+    penalty = PriorPenalty(prior, scale=3.0, eps=1e-4, structure=structure, chunk_size=chunk_size)
     ref_value, ref_grad = ref_penalty_and_grad(reference(prior, structure, 3.0, 1e-4),
                                                torch.cat([p.detach().reshape(-1) for p in params]))
     value = penalty(params)
@@ -147,13 +134,13 @@ def test_float64_module(random_prior):
 def test_low_precision_factor(random_prior, mlp, low):
     prior = random_prior(ODD_SHAPES, rank=4, seed=8)
     params = load_into(mlp, prior, point_near(prior, seed=9))
-    exact = PriorPenalty(prior, scale=100.0, chunk_size=7, backend="torch")
+    exact = PriorPenalty(prior, scale=100.0, chunk_size=7)
     value32 = exact(params)
     value32.backward()
     grad32 = flat_grad(params)
     for penalty in (PriorPenalty(prior.with_factor_dtype(low), scale=100.0, chunk_size=7),
                     PriorPenalty(prior, scale=100.0, factor_dtype=low, chunk_size=7),
-                    PriorPenalty(prior, scale=100.0, factor_dtype=low, chunk_size=7, backend="torch")):
+                    PriorPenalty(prior, scale=100.0, factor_dtype=low, chunk_size=7)):
         for p in params:
             p.grad = None
         value = penalty(params)
@@ -215,10 +202,10 @@ def test_wrong_parameter_list_is_a_mismatch(random_prior, mlp):
         penalty([params[0], params[1], params[2].T, *params[3:]])
 
 
-def test_interleaved_evaluations_keep_their_own_gradients(random_prior, backend):
+def test_interleaved_evaluations_keep_their_own_gradients(random_prior):
     # The first pass caches r / d for the backward; a second evaluation in between must not leak.
     prior = random_prior(rank=3, seed=12)
-    penalty = PriorPenalty(prior, scale=5.0, chunk_size=7, backend=backend)
+    penalty = PriorPenalty(prior, scale=5.0, chunk_size=7)
     nets, points = [], []
     for seed in (13, 14):
         net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
@@ -234,12 +221,12 @@ def test_interleaved_evaluations_keep_their_own_gradients(random_prior, backend)
         assert_grad_close(flat_grad(list(net.parameters())), ref_penalty_and_grad(dist, w)[1], rtol=1e-4)
 
 
-def test_second_backward_through_a_retained_graph(random_prior, mlp, backend):
+def test_second_backward_through_a_retained_graph(random_prior, mlp):
     # The kernel turns its forward buffers into the gradient in place; a second backward must
     # not reuse them.
     prior = random_prior(rank=4, seed=15)
     params = load_into(mlp, prior, point_near(prior, seed=16))
-    value = PriorPenalty(prior, scale=2.0, backend=backend)(params)
+    value = PriorPenalty(prior, scale=2.0)(params)
     value.backward(retain_graph=True)
     first = flat_grad(params)
     for p in params:
@@ -251,10 +238,10 @@ def test_second_backward_through_a_retained_graph(random_prior, mlp, backend):
     assert_grad_close(first, ref_grad, rtol=1e-4)
 
 
-def test_value_without_grad_equals_value_with_grad(random_prior, mlp, backend):
+def test_value_without_grad_equals_value_with_grad(random_prior, mlp):
     prior = random_prior(rank=4, seed=19)
     params = load_into(mlp, prior, point_near(prior, seed=20))
-    penalty = PriorPenalty(prior, scale=2.0, backend=backend)
+    penalty = PriorPenalty(prior, scale=2.0)
     with torch.no_grad():
         quiet = penalty(params)
     # float32 sums: the kernel's loops without the r / d store may add in another order
@@ -279,13 +266,13 @@ def half_maha(dist: LowRankMultivariateNormal, v: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("structure", STRUCTURES)
 @pytest.mark.parametrize("step", [0.0, 1e-3, 1.0, 1e3, 1e12, 1e30])
-def test_prox_matches_dense_solution(random_prior, mlp, structure, step, backend):
+def test_prox_matches_dense_solution(random_prior, mlp, structure, step):
     prior = random_prior(ODD_SHAPES, rank=3, seed=17)
     w = point_near(prior, seed=18)
     params = load_into(mlp, prior, w)
     scale, eps = 1e3, 1e-6
     dist = reference(prior, structure, scale, eps)
-    penalty = PriorPenalty(prior, scale=scale, eps=eps, structure=structure, chunk_size=7, backend=backend)
+    penalty = PriorPenalty(prior, scale=scale, eps=eps, structure=structure, chunk_size=7)
     expected = dense_prox(dist, w, torch.full((prior.n_params,), step))
 
     value = penalty.prox_(params, step)
@@ -304,25 +291,25 @@ def test_prox_matches_dense_solution(random_prior, mlp, structure, step, backend
         torch.testing.assert_close(v, m, rtol=0, atol=1e-6)
 
 
-def test_prox_per_parameter_steps(random_prior, mlp, backend):
+def test_prox_per_parameter_steps(random_prior, mlp):
     prior = random_prior(ODD_SHAPES, rank=3, seed=19)
     w = point_near(prior, seed=20)
     params = load_into(mlp, prior, w)
     steps = [0.5, 0.0, 2.0, 1e3, 0.1, 7.0]
     per_element = torch.cat([torch.full((math.prod(s),), v) for s, v in zip(prior.shapes, steps)])
     dist = reference(prior, "lowrank", 10.0, 0.0)
-    PriorPenalty(prior, scale=10.0, chunk_size=7, backend=backend).prox_(params, steps)
+    PriorPenalty(prior, scale=10.0, chunk_size=7).prox_(params, steps)
     v = torch.cat([p.detach().reshape(-1) for p in params]).double()
     torch.testing.assert_close(v, dense_prox(dist, w, per_element), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(params[1].detach(), w[12:16])  # step 0 leaves a tensor alone
 
 
-def test_prox_repeated_calls_and_then_gradient(random_prior, mlp, backend):
+def test_prox_repeated_calls_and_then_gradient(random_prior, mlp):
     # prox_ reuses cached K x K terms for the same steps and shares buffers with the gradient pass.
     prior = random_prior(ODD_SHAPES, rank=3, seed=24)
     w = point_near(prior, seed=25)
     params = load_into(mlp, prior, w)
-    penalty = PriorPenalty(prior, scale=4.0, chunk_size=7, backend=backend)
+    penalty = PriorPenalty(prior, scale=4.0, chunk_size=7)
     dist = reference(prior, "lowrank", 4.0, 0.0)
     expected = w.double()
     for _ in range(3):
@@ -335,7 +322,7 @@ def test_prox_repeated_calls_and_then_gradient(random_prior, mlp, backend):
     assert_grad_close(flat_grad(params), ref_penalty_and_grad(dist, v)[1], rtol=1e-4)
 
 
-def test_prox_stiff_lowrank_prior(random_prior, backend):
+def test_prox_stiff_lowrank_prior(random_prior):
     # A factor far larger than the diagonal (as in real SWAG priors): steps >> d make the K x K
     # system of the Woodbury prox nearly singular unless it is formed without cancellation.
     shapes = ((10, 40), (10,))
@@ -347,7 +334,7 @@ def test_prox_stiff_lowrank_prior(random_prior, backend):
         with torch.no_grad():
             for p, view in zip(params, prior.split(w).values()):
                 p.copy_(view)
-        PriorPenalty(prior, scale=scale, backend=backend).prox_(params, step)
+        PriorPenalty(prior, scale=scale).prox_(params, step)
         v = torch.cat([p.detach().reshape(-1) for p in params]).double()
         dist = reference(prior, "lowrank", scale, 0.0)
         expected = dense_prox(dist, w, torch.full((prior.n_params,), step))
