@@ -81,7 +81,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -201,6 +201,28 @@ def _to_host(flags: list[torch.Tensor]) -> list[bool]:
         for i, value in zip(indices, values):
             out[i] = bool(value)
     return out
+
+
+class _Item(NamedTuple):
+    """One parameter's share of a step: its gradient (with weight decay), preconditioned columns
+    ``d`` (0: none), candidate preconditioner ``m_new`` (``None`` until computed), group and name."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    d: int
+    m_new: torch.Tensor | None
+    group: dict[str, Any]
+    name: str
+
+
+class _KernelUpdate(NamedTuple):
+    """A parameter whose momentum and weight step the compiled kernel takes, with ``M M^T``."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    d: int
+    group: dict[str, Any]
+    precond: torch.Tensor
 
 
 class _Plan:
@@ -367,7 +389,7 @@ class FOP(torch.optim.Optimizer):
                 if d and _kernel_eligible(p, g, state, d) and (lib := lib or self._kernel_library()):
                     fast.append(len(items))
                     flags.append(None)  # filled in by the batched hyper step below
-                    items.append((p, g, d, None, group, name))
+                    items.append(_Item(p, g, d, None, group, name))
                     continue
                 if d and "precond" in state:
                     step = _hyper_step(state["direction"].reshape(-1, d), g.reshape(-1, d),
@@ -376,12 +398,11 @@ class FOP(torch.optim.Optimizer):
                     flags.append(torch.isfinite(m_new).all())
                 else:
                     flags.append(torch.isfinite(g).all())
-                items.append((p, g, d, m_new, group, name))
+                items.append(_Item(p, g, d, m_new, group, name))
         preconditioners = {}
         if fast:
             for i, (m_new, flag, precond) in zip(fast, self._kernel_hyper_steps(lib, [items[i] for i in fast])):
-                p, g, d, _, group, name = items[i]
-                items[i], flags[i], preconditioners[i] = (p, g, d, m_new, group, name), flag, precond
+                items[i], flags[i], preconditioners[i] = items[i]._replace(m_new=m_new), flag, precond
         finite = _to_host(flags)
 
         # Phase 2: apply.
@@ -389,7 +410,7 @@ class FOP(torch.optim.Optimizer):
         for i, ((p, g, d, m_new, group, name), ok) in enumerate(zip(items, finite)):
             if ok and i in preconditioners:
                 self.state[p]["precond"].copy_(m_new)
-                kernel_updates.append((p, g, d, group, preconditioners[i]))
+                kernel_updates.append(_KernelUpdate(p, g, d, group, preconditioners[i]))
                 continue
             if not ok and m_new is not None:
                 ok = bool(torch.isfinite(g).all())  # rare path: was it M or the gradient?
@@ -440,14 +461,14 @@ class FOP(torch.optim.Optimizer):
             plans[key] = _Plan(*key)
         return plans[key]
 
-    def _kernel_hyper_steps(self, lib, fast_items: list[tuple]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _kernel_hyper_steps(self, lib, fast_items: list[_Item]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(M_new, finite flag, M_new M_new^T)`` per parameter, as :func:`_hyper_step` and
         :func:`_cap_norm` compute them one by one: Gram products in one compiled sweep over all
         the parameters, the ``d x d`` algebra batched over parameters with the same ``d``."""
-        layers = tuple((p.numel() // d, d) for p, _, d, *_ in fast_items)
+        layers = tuple((item.param.numel() // item.d, item.d) for item in fast_items)
         plan = self._plan(layers)
-        u_ptr = torch.tensor([self.state[p]["direction"].data_ptr() for p, *_ in fast_items], dtype=torch.int64)
-        g_ptr = torch.tensor([g.data_ptr() for _, g, *_ in fast_items], dtype=torch.int64)
+        u_ptr = torch.tensor([self.state[item.param]["direction"].data_ptr() for item in fast_items], dtype=torch.int64)
+        g_ptr = torch.tensor([item.grad.data_ptr() for item in fast_items], dtype=torch.int64)
         dims = torch.tensor([d for _, d in layers], dtype=torch.int64)
         width = _KERNEL_MAX_DIM * _KERNEL_MAX_DIM
         partial = torch.empty(plan.count, width)
@@ -458,10 +479,10 @@ class FOP(torch.optim.Optimizer):
         out: list = [None] * len(layers)
         for d in sorted({d for _, d in layers}):
             idx = [i for i, (_, di) in enumerate(layers) if di == d]
-            groups = [fast_items[i][4] for i in idx]
+            groups = [fast_items[i].group for i in idx]
             h = grams[idx, :d * d].view(-1, d, d)
             sym = h + h.transpose(1, 2)
-            m = torch.stack([self.state[fast_items[i][0]]["precond"] for i in idx])
+            m = torch.stack([self.state[fast_items[i].param]["precond"] for i in idx])
             scale = torch.tensor([g["precond_lr"] * float(g["lr"]) for g in groups]).view(-1, 1, 1)
             bound = sym.abs().sum(1).amax(1).view(-1, 1, 1)
             m_new = m + torch.bmm(sym, m) * torch.clamp(_MAX_RELATIVE_STEP / (scale * bound), max=1.0) * scale
@@ -475,20 +496,20 @@ class FOP(torch.optim.Optimizer):
                 out[i] = (m_new[j], finite[j], precond[j])
         return out
 
-    def _kernel_update(self, lib, updates: list[tuple]) -> None:
+    def _kernel_update(self, lib, updates: list[_KernelUpdate]) -> None:
         """Momentum and preconditioned weight step of the parameters in ``updates``, in one sweep."""
-        layers = tuple((p.numel() // d, d) for p, _, d, *_ in updates)
+        layers = tuple((u.param.numel() // u.d, u.d) for u in updates)
         plan = self._plan(layers)
         width = _KERNEL_MAX_DIM * _KERNEL_MAX_DIM
         pmat = torch.zeros(len(updates), width)
-        for i, (_, _, d, _, precond) in enumerate(updates):
-            pmat[i, :d * d] = precond.reshape(-1)
-        u_ptr = torch.tensor([self.state[p]["direction"].data_ptr() for p, *_ in updates], dtype=torch.int64)
-        g_ptr = torch.tensor([g.data_ptr() for _, g, *_ in updates], dtype=torch.int64)
-        p_ptr = torch.tensor([p.data_ptr() for p, *_ in updates], dtype=torch.int64)
+        for i, u in enumerate(updates):
+            pmat[i, :u.d * u.d] = u.precond.reshape(-1)
+        u_ptr = torch.tensor([self.state[u.param]["direction"].data_ptr() for u in updates], dtype=torch.int64)
+        g_ptr = torch.tensor([u.grad.data_ptr() for u in updates], dtype=torch.int64)
+        p_ptr = torch.tensor([u.param.data_ptr() for u in updates], dtype=torch.int64)
         dims = torch.tensor([d for _, d in layers], dtype=torch.int64)
-        lrs = torch.tensor([float(group["lr"]) for *_, group, _ in updates])
-        moms = torch.tensor([float(group["momentum"]) for *_, group, _ in updates])
+        lrs = torch.tensor([float(u.group["lr"]) for u in updates])
+        moms = torch.tensor([float(u.group["momentum"]) for u in updates])
         _kernel.run_segments(lib, lib.update, plan.ranges, plan.layer.data_ptr(), plan.first.data_ptr(),
                              plan.end.data_ptr(), u_ptr.data_ptr(), g_ptr.data_ptr(), p_ptr.data_ptr(),
                              dims.data_ptr(), pmat.data_ptr(), lrs.data_ptr(), moms.data_ptr())

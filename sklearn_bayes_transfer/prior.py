@@ -11,6 +11,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -491,82 +492,111 @@ class Prior:
         difference (the file may hold the last SWAG iterate) is reported as a warning.
         """
         normalization = check_choice(FactorNormalization, factor_normalization, "factor_normalization")
-        prefix = str(prefix)
-        paths = {part: Path(f"{prefix}_{part}.pt") for part in ("model", "mean", "variance", "covmat")}
-        missing = [str(p) for p in paths.values() if not p.exists()]
-        if missing:
-            raise PriorFormatError(f"official prior with prefix '{prefix}' is incomplete: missing {', '.join(missing)} "
-                                   "(expected <prefix>_model.pt, _mean.pt, _variance.pt, _covmat.pt)")
-        state = safe_torch_load(paths["model"], what="official model file")
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise PriorFormatError(f"'{paths['model']}' is not a state_dict of tensors")
-        # Strip wrapper prefixes before dropping the head, so ``module.fc.*`` is dropped too.
-        state = {k: v for k, v in ((_strip_wrapper_prefix(k), v) for k, v in state.items()) if not k.startswith("fc.")}
-        tensors = {}
-        for part in ("mean", "variance", "covmat"):
-            t = safe_torch_load(paths[part], what=f"official {part} file")
-            if not isinstance(t, torch.Tensor):
-                raise PriorFormatError(f"'{paths[part]}' must hold one tensor, found {type(t).__name__}")
-            tensors[part] = t.detach()
-        mean = tensors["mean"].reshape(-1).to(torch.float32)
-        diag = tensors["variance"].reshape(-1).to(torch.float32)
-        covmat = tensors["covmat"]
-        d = mean.numel()
-        if covmat.dim() != 2:
-            raise PriorFormatError(f"'{paths['covmat']}' must be 2-D (K x D), found shape {tuple(covmat.shape)}")
-        if covmat.shape[1] != d and covmat.shape[0] == d:
-            covmat = covmat.T
-        if covmat.shape[1] != d:
-            raise PriorFormatError(f"'{paths['covmat']}' has shape {tuple(covmat.shape)}, expected (K, {d}) to match the mean")
-        if diag.numel() != d:
-            raise PriorFormatError(f"'{paths['variance']}' has {diag.numel()} entries, the mean has {d}")
-        k = covmat.shape[0]
-        if k < 2:
-            raise PriorFormatError(f"'{paths['covmat']}' has K={k} rows; at least 2 deviation rows are needed")
+        files = _read_official(str(prefix))
+        detected, ratio = _detect_normalization(files, normalization)
+        return _convert_official(cls, files, normalization, detected, ratio, backbone)
 
-        params = [(n, t) for n, t in state.items() if not n.endswith(_BN_BUFFER_SUFFIXES)]
-        buffers = {n: t.clone() for n, t in state.items() if n.endswith(_BN_BUFFER_SUFFIXES)}
-        total = sum(t.numel() for _, t in params)
-        if total != d:
-            raise PriorFormatError(f"the model file's parameters hold {total} values but the mean has {d}: "
-                                   f"'{paths['model']}' and '{paths['mean']}' do not belong together")
-        flat = torch.cat([t.reshape(-1).to(torch.float32) for _, t in params])
-        max_diff = float((flat - mean).abs().max()) if d else 0.0
-        scale = float(mean.abs().max()) if d else 0.0
-        mean_matches = max_diff <= 1e-5 * max(scale, 1.0)
-        if not mean_matches:
-            warnings.warn(f"the mean in '{paths['mean']}' differs from the parameters in '{paths['model']}' "
-                          f"(max |difference| {max_diff:.3g}); the mean file is used as the prior centre",
-                          stacklevel=2)
 
-        ratio = float(((covmat.to(torch.float64) ** 2).sum(0) / diag.to(torch.float64).clamp_min(1e-30)).median())
-        if normalization is FactorNormalization.AUTO:
-            if k == 2:
-                warnings.warn("with K=2 raw and normalised rows cannot be told apart; assuming raw deviations "
-                              "(pass factor_normalization to choose)", stacklevel=2)
-                detected = FactorNormalization.RAW
-            else:
-                # Geometric midpoint between the two expected ratios, K and K/(K-1).
-                threshold = math.sqrt(k * k / (k - 1))
-                detected = FactorNormalization.RAW if ratio > threshold else FactorNormalization.NORMALIZED
-        else:
-            detected = normalization
-        divisor = math.sqrt(2 * (k - 1)) if detected is FactorNormalization.RAW else math.sqrt(2.0)
-        factor = (covmat.to(torch.float32) / divisor).contiguous()
-        meta = {
-            "backbone": backbone, "backbone_kwargs": {}, "method": "swag", "source_task": "official-import",
-            "n_snapshots": None, "rank": k, "library_version": __version__, "created": _now(),
-            "preprocess": {"image_size": [224, 224], "channels": 3,
-                           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-            "import": {"prefix": prefix, "factor_normalization": detected.value,
-                       "detected": normalization is FactorNormalization.AUTO,
-                       "row_sq_sum_over_variance_median": ratio, "mean_matches_model": mean_matches,
-                       "mean_model_max_abs_diff": max_diff},
-        }
-        return cls(mean, 0.5 * diag, factor, names=[n for n, _ in params],
-                   shapes=[tuple(t.shape) for _, t in params], buffers=buffers, meta=meta)
+# -- the official repository's four files: read, detect, convert --------------------------------------------
+@dataclass(frozen=True)
+class _OfficialFiles:
+    prefix: str
+    paths: dict[str, Path]
+    params: list[tuple[str, torch.Tensor]]   # the model file's parameters, in order
+    buffers: dict[str, torch.Tensor]         # its BatchNorm statistics
+    mean: torch.Tensor                        # (D,) float32
+    diag: torch.Tensor                        # (D,) float32, the SWAG diagonal
+    covmat: torch.Tensor                      # (K, D) deviation rows
+
+
+def _read_official(prefix: str) -> _OfficialFiles:
+    """The four files (``weights_only`` loads), checked against each other; errors name the file."""
+    paths = {part: Path(f"{prefix}_{part}.pt") for part in ("model", "mean", "variance", "covmat")}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise PriorFormatError(f"official prior with prefix '{prefix}' is incomplete: missing {', '.join(missing)} "
+                               "(expected <prefix>_model.pt, _mean.pt, _variance.pt, _covmat.pt)")
+    state = safe_torch_load(paths["model"], what="official model file")
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PriorFormatError(f"'{paths['model']}' is not a state_dict of tensors")
+    # Strip wrapper prefixes before dropping the head, so ``module.fc.*`` is dropped too.
+    state = {k: v for k, v in ((_strip_wrapper_prefix(k), v) for k, v in state.items()) if not k.startswith("fc.")}
+    tensors = {}
+    for part in ("mean", "variance", "covmat"):
+        t = safe_torch_load(paths[part], what=f"official {part} file")
+        if not isinstance(t, torch.Tensor):
+            raise PriorFormatError(f"'{paths[part]}' must hold one tensor, found {type(t).__name__}")
+        tensors[part] = t.detach()
+    mean = tensors["mean"].reshape(-1).to(torch.float32)
+    diag = tensors["variance"].reshape(-1).to(torch.float32)
+    covmat = tensors["covmat"]
+    d = mean.numel()
+    if covmat.dim() != 2:
+        raise PriorFormatError(f"'{paths['covmat']}' must be 2-D (K x D), found shape {tuple(covmat.shape)}")
+    if covmat.shape[1] != d and covmat.shape[0] == d:
+        covmat = covmat.T
+    if covmat.shape[1] != d:
+        raise PriorFormatError(f"'{paths['covmat']}' has shape {tuple(covmat.shape)}, expected (K, {d}) to match the mean")
+    if diag.numel() != d:
+        raise PriorFormatError(f"'{paths['variance']}' has {diag.numel()} entries, the mean has {d}")
+    if covmat.shape[0] < 2:
+        raise PriorFormatError(f"'{paths['covmat']}' has K={covmat.shape[0]} rows; at least 2 deviation rows are needed")
+    params = [(n, t) for n, t in state.items() if not n.endswith(_BN_BUFFER_SUFFIXES)]
+    buffers = {n: t.clone() for n, t in state.items() if n.endswith(_BN_BUFFER_SUFFIXES)}
+    total = sum(t.numel() for _, t in params)
+    if total != d:
+        raise PriorFormatError(f"the model file's parameters hold {total} values but the mean has {d}: "
+                               f"'{paths['model']}' and '{paths['mean']}' do not belong together")
+    return _OfficialFiles(prefix, paths, params, buffers, mean, diag, covmat)
+
+
+def _detect_normalization(files: _OfficialFiles, asked: FactorNormalization) -> tuple[FactorNormalization, float]:
+    """Whether the covariance rows are raw deviations or already divided by ``sqrt(K - 1)``.
+
+    ``colsum(C**2) / diag`` is about ``K`` for raw rows and ``K / (K - 1)`` for normalised ones;
+    the median over parameters is compared with the geometric midpoint of the two. Returns the
+    normalisation to use (``asked`` unless it is ``"auto"``) and the measured ratio.
+    """
+    k = files.covmat.shape[0]
+    ratio = float(((files.covmat.to(torch.float64) ** 2).sum(0) / files.diag.to(torch.float64).clamp_min(1e-30))
+                  .median())
+    if asked is not FactorNormalization.AUTO:
+        return asked, ratio
+    if k == 2:
+        warnings.warn("with K=2 raw and normalised rows cannot be told apart; assuming raw deviations "
+                      "(pass factor_normalization to choose)", stacklevel=3)
+        return FactorNormalization.RAW, ratio
+    threshold = math.sqrt(k * k / (k - 1))
+    return (FactorNormalization.RAW if ratio > threshold else FactorNormalization.NORMALIZED), ratio
+
+
+def _convert_official(cls: type, files: _OfficialFiles, asked: FactorNormalization, detected: FactorNormalization,
+                      ratio: float, backbone: str) -> "Prior":
+    """The prior in this library's convention, with what was found recorded in ``meta["import"]``."""
+    k = files.covmat.shape[0]
+    flat = torch.cat([t.reshape(-1).to(torch.float32) for _, t in files.params])
+    max_diff = float((flat - files.mean).abs().max()) if flat.numel() else 0.0
+    scale = float(files.mean.abs().max()) if flat.numel() else 0.0
+    mean_matches = max_diff <= 1e-5 * max(scale, 1.0)
+    if not mean_matches:
+        warnings.warn(f"the mean in '{files.paths['mean']}' differs from the parameters in '{files.paths['model']}' "
+                      f"(max |difference| {max_diff:.3g}); the mean file is used as the prior centre", stacklevel=3)
+    divisor = math.sqrt(2 * (k - 1)) if detected is FactorNormalization.RAW else math.sqrt(2.0)
+    factor = (files.covmat.to(torch.float32) / divisor).contiguous()
+    meta = {
+        "backbone": backbone, "backbone_kwargs": {}, "method": "swag", "source_task": "official-import",
+        "n_snapshots": None, "rank": k, "library_version": __version__, "created": _now(),
+        "preprocess": {"image_size": [224, 224], "channels": 3,
+                       "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "import": {"prefix": files.prefix, "factor_normalization": detected.value,
+                   "detected": asked is FactorNormalization.AUTO,
+                   "row_sq_sum_over_variance_median": ratio, "mean_matches_model": mean_matches,
+                   "mean_model_max_abs_diff": max_diff},
+    }
+    return cls(files.mean, 0.5 * files.diag, factor, names=[n for n, _ in files.params],
+               shapes=[tuple(t.shape) for _, t in files.params], buffers=files.buffers, meta=meta)
 
 
 # -- helpers ----------------------------------------------------------------------------------------
