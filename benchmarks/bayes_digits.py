@@ -32,7 +32,11 @@ from sklearn_bayes_transfer import Prior
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
 from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.fitter import PriorFitter
-from sklearn_bayes_transfer.metrics import accuracy, expected_calibration_error, negative_log_likelihood
+from sklearn_bayes_transfer.metrics import (
+    accuracy,
+    expected_calibration_error,
+    negative_log_likelihood,
+)
 
 #: (label, estimator settings) of the compared methods.
 METHODS = (

@@ -33,9 +33,8 @@ from skorch import NeuralNetClassifier
 from torch import nn
 
 from sklearn_bayes_transfer import Prior
-from sklearn_bayes_transfer.backbones import get_backbone
+from sklearn_bayes_transfer.backbones import BackboneWithHead, get_backbone
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
-from sklearn_bayes_transfer.backbones import BackboneWithHead
 
 N_CLASSES = 10
 

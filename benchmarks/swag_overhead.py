@@ -32,8 +32,7 @@ from skorch import NeuralNet
 from skorch.callbacks import Callback
 from torch import nn
 
-from sklearn_bayes_transfer.backbones import get_backbone
-from sklearn_bayes_transfer.backbones import BackboneWithHead
+from sklearn_bayes_transfer.backbones import BackboneWithHead, get_backbone
 from sklearn_bayes_transfer.swag import SwagCallback, SwagCollector
 
 

@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -59,16 +59,20 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn_bayes_transfer.cli.app import app
 from torch import nn
 from typer.testing import CliRunner
 
 from sklearn_bayes_transfer import Prior
 from sklearn_bayes_transfer.backbones import backbone_from_meta
-from sklearn_bayes_transfer.cli.app import app
 from sklearn_bayes_transfer.data import load_image_folder, load_segmentation_folder
 from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.metrics import mean_iou
-from sklearn_bayes_transfer.recipe import DEFAULT_BATCH_SIZE, DEFAULT_MIN_STEPS, TrainLoader
+from sklearn_bayes_transfer.recipe import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MIN_STEPS,
+    TrainLoader,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from offline_datasets import load_fashion_mnist, load_mnist_5k, load_nuclei  # noqa: E402

@@ -6,13 +6,13 @@ The recipe's defaults are the estimators' (:mod:`sklearn_bayes_transfer.recipe`)
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Optional
 
 import typer
 
+from sklearn_bayes_transfer._validation import Interval, Real, check_params
 from sklearn_bayes_transfer.augment import Augment
-from sklearn_bayes_transfer.sampling import Inference
+from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.optim import OptimizerName, optimizer_arguments
 from sklearn_bayes_transfer.prior import Prior
@@ -26,6 +26,8 @@ from sklearn_bayes_transfer.recipe import (
     BatchNormUpdate,
     LRSchedule,
 )
+from sklearn_bayes_transfer.sampling import Inference
+from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter
 
 __all__ = [
     "AugmentOption",
@@ -38,7 +40,7 @@ __all__ = [
     "MomentumOption",
     "OptimizerOption",
     "WarmupOption",
-    "check_number",
+    "check_options",
     "load_geometry",
     "parse_image_size",
     "parse_prior_scale",
@@ -76,16 +78,22 @@ RECIPE_DEFAULTS: dict[str, Any] = {
 }
 
 
-def check_number(value: float, option: str, *, low: float, high: float = math.inf, low_open: bool = False,
-                 high_open: bool = False) -> None:
-    """Refuse a number outside ``[low, high]`` (or the open ends) by its ``--option`` name."""
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (math.isfinite(value) and above and below):
-        bounds = f"{'>' if low_open else '>='} {low:g}"
-        if math.isfinite(high):
-            bounds += f" and {'<' if high_open else '<='} {high:g}"
-        raise ConfigError(f"{option} must be a finite number {bounds}, got {value:g}")
+#: The command line's own constraints: stricter than the estimators' (a zero learning rate trains
+#: nothing), or for options the estimators do not have.
+_CLI_CONSTRAINTS: dict[str, list[Any]] = {
+    "lr": [Interval(Real, 0, None, closed="neither")],
+    "momentum": [Interval(Real, 0, 1, closed="left")],
+    "valid_fraction": [Interval(Real, 0, 1, closed="left")],
+    "prior_scale": [Interval(Real, 0, None, closed="neither")],
+}
+
+
+def check_options(**values: Any) -> None:
+    """Check option values with the estimators' constraints (and the command line's own), naming
+    each by its flag: ``check_options(lr=0)`` fails with ``--lr 0 is not valid; expected ...``."""
+    constraints = {**PriorRegularizedSegmenter._all_parameter_constraints(),
+                   **PriorRegularizedClassifier._all_parameter_constraints(), **_CLI_CONSTRAINTS}
+    check_params(values, {k: constraints[k] for k in values}, names={k: "--" + k.replace("_", "-") for k in values})
 
 
 def parse_prior_scale(text: str, option: str = "--prior-scale") -> float | str:
@@ -97,7 +105,7 @@ def parse_prior_scale(text: str, option: str = "--prior-scale") -> float | str:
     except ValueError:
         raise ConfigError(f"{option}: {text.strip()!r} is neither a number nor 'auto' (lambda_0 * "
                           f"10**{AUTO_SCALE_DECADES}, lambda_0 being the prior's reference scale)") from None
-    check_number(value, option, low=0.0, low_open=True)
+    check_options(prior_scale=value)
     return value
 
 
@@ -123,9 +131,7 @@ def recipe_arguments(*, max_epochs: int | None, min_steps: int, lr: float, batch
     """Estimator keyword arguments for the recipe options, checked by their option names."""
     if momentum is None:
         momentum = 0.0 if inference is Inference.SGLD else DEFAULT_MOMENTUM
-    check_number(lr, "--lr", low=0.0, low_open=True)
-    check_number(momentum, "--momentum", low=0.0, high=1.0, high_open=True)
-    check_number(warmup, "--warmup", low=0.0, high=1.0, high_open=True)
+    check_options(lr=lr, momentum=momentum, warmup=warmup)
     return {"max_epochs": max_epochs, "min_steps": min_steps, "lr": lr, "batch_size": batch_size,
             "lr_schedule": lr_schedule.value, "warmup": warmup, "augment": augment.value,
             "batchnorm": batchnorm.value, **optimizer_arguments(optimizer, momentum=momentum)}

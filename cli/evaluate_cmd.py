@@ -30,7 +30,14 @@ from sklearn_bayes_transfer.modelfile import load_model
 from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter
 
 from ._app import app, check_output, console, handle_errors, resolve_device
-from ._images import MASK_CHUNK, check_classifier, collect_image_names, image_dataset, image_file_size, model_channels
+from ._images import (
+    MASK_CHUNK,
+    check_classifier,
+    collect_image_names,
+    image_dataset,
+    image_file_size,
+    model_channels,
+)
 
 __all__ = ["evaluate"]
 

@@ -13,12 +13,12 @@ import typer
 from skorch.callbacks import EarlyStopping, EpochScoring, ProgressBar
 from skorch.dataset import ValidSplit
 
-from sklearn_bayes_transfer.sampling import Inference
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier, index_accuracy
 from sklearn_bayes_transfer.data import load_image_folder, load_segmentation_folder
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.modelfile import save_model
 from sklearn_bayes_transfer.prior import Prior, PriorStructure
+from sklearn_bayes_transfer.sampling import Inference
 from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter, SegmentationHead
 
 from ._app import app, check_output, console, handle_errors, resolve_device
@@ -34,7 +34,7 @@ from ._options import (
     MomentumOption,
     OptimizerOption,
     WarmupOption,
-    check_number,
+    check_options,
     load_geometry,
     parse_image_size,
     parse_prior_scale,
@@ -63,9 +63,7 @@ class Task(str, Enum):
 def _check_options(prior_eps: float, head_weight_decay: float, valid_fraction: float,
                    early_stopping: int | None) -> None:
     """Refuse bad numbers and combinations by their option names, before anything is loaded."""
-    check_number(prior_eps, "--prior-eps", low=0.0)
-    check_number(head_weight_decay, "--head-weight-decay", low=0.0)
-    check_number(valid_fraction, "--valid-fraction", low=0.0, high=1.0, high_open=True)
+    check_options(prior_eps=prior_eps, head_weight_decay=head_weight_decay, valid_fraction=valid_fraction)
     if early_stopping is not None and valid_fraction == 0:
         raise ConfigError("--early-stopping watches the validation loss: hold out images with --valid-fraction "
                           "(e.g. 0.2)")

@@ -14,15 +14,22 @@ import torch
 import typer
 
 from sklearn_bayes_transfer._io import atomic_write
-from sklearn_bayes_transfer.data import save_mask
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
+from sklearn_bayes_transfer.data import save_mask
 from sklearn_bayes_transfer.exceptions import ConfigError, DataError, OutputExistsError
 from sklearn_bayes_transfer.modelfile import load_model
 from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter
 
 from ._app import app, check_output, console, handle_errors, resolve_device
-from ._images import (MASK_CHUNK, ImageFiles, check_classifier, collect_image_names, image_dataset, image_file_size,
-                      model_channels)
+from ._images import (
+    MASK_CHUNK,
+    ImageFiles,
+    check_classifier,
+    collect_image_names,
+    image_dataset,
+    image_file_size,
+    model_channels,
+)
 
 __all__ = ["predict"]
 

@@ -20,7 +20,12 @@ from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.metrics import SCORERS, get_scorer
 from sklearn_bayes_transfer.modelfile import save_model
 from sklearn_bayes_transfer.prior import Prior, PriorStructure
-from sklearn_bayes_transfer.tuning import DEFAULT_DECADES, default_param_grid, results_table, select_index
+from sklearn_bayes_transfer.tuning import (
+    DEFAULT_DECADES,
+    default_param_grid,
+    results_table,
+    select_index,
+)
 
 from ._app import app, check_output, console, handle_errors, resolve_device
 from ._options import (
@@ -35,7 +40,7 @@ from ._options import (
     MomentumOption,
     OptimizerOption,
     WarmupOption,
-    check_number,
+    check_options,
     load_geometry,
     parse_image_size,
     recipe_arguments,
@@ -60,7 +65,7 @@ def _parse_scales(text: str | None) -> list[float] | None:
         except ValueError:
             raise ConfigError(f"--prior-scale: {part.strip()!r} is not a number; give a comma-separated list "
                               "such as 1e-2,1,1e2") from None
-        check_number(value, "--prior-scale", low=0.0, low_open=True)
+        check_options(prior_scale=value)
         scales.append(value)
     return scales
 

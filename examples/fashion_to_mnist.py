@@ -24,10 +24,10 @@ import statistics
 
 import numpy as np
 import torch
+from offline_datasets import load_fashion_mnist, load_mnist_5k
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
 from sklearn_bayes_transfer import PriorFitter, PriorRegularizedClassifier
-from offline_datasets import load_fashion_mnist, load_mnist_5k
 from sklearn_bayes_transfer.tuning import default_param_grid
 
 

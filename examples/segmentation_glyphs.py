@@ -36,9 +36,9 @@ import time
 
 import numpy as np
 import torch
+from offline_datasets import load_fashion_mnist
 from sklearn.model_selection import GridSearchCV
 
-from offline_datasets import load_fashion_mnist
 from sklearn_bayes_transfer.datasets import load_digits_images, make_glyph_segmentation
 from sklearn_bayes_transfer.fitter import PriorFitter
 from sklearn_bayes_transfer.metrics import miou_scorer

@@ -1,4 +1,5 @@
-"""Checks shared by the modules: choices, plain-python content, and state-dict mismatch reports.
+"""Checks shared by the modules: declarative parameter constraints, choices, plain-python content,
+and state-dict mismatch reports.
 
 One wording for every invalid choice; one rule for what "plain" means (what a prior or model file
 may hold so that ``torch.load(weights_only=True)`` reads it); one report of what does not fit when
@@ -7,8 +8,10 @@ tensors are matched by name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
+from numbers import Integral, Real
 from typing import Any, TypeVar
 
 import numpy as np
@@ -16,7 +19,8 @@ import torch
 
 from .exceptions import ConfigError
 
-__all__ = ["PLAIN_TYPES", "check_choice", "mismatch_report", "plain"]
+__all__ = ["PLAIN_TYPES", "Integral", "Interval", "Options", "Real", "check_choice", "check_params", "mismatch_report",
+           "plain"]
 
 #: Scalar types a prior's or model file's metadata may hold (with lists and str-keyed dicts of them).
 PLAIN_TYPES = (str, int, float, bool, type(None))
@@ -95,3 +99,119 @@ def mismatch_report(expected: Mapping[str, Sequence[int]], found: Mapping[str, S
     if wrong:
         parts.append(f"{len(wrong)} shape mismatch{'es' if len(wrong) > 1 else ''}: {listed(wrong, '; ')}")
     return "; ".join(parts) or None
+
+
+# -- declarative parameter constraints ------------------------------------------------------------------------
+class Interval:
+    """Numbers of one kind (``Integral`` or ``Real``, never ``bool``) between two bounds.
+
+    ``closed`` says which ends belong: ``"both"``, ``"left"``, ``"right"`` or ``"neither"``; a bound
+    of ``None`` is unbounded. Real numbers must also be finite.
+
+    Examples
+    --------
+    >>> 0.5 in Interval(Real, 0, 1, closed="left"), 1 in Interval(Real, 0, 1, closed="left")
+    (True, False)
+    >>> str(Interval(Integral, 1, None)), str(Interval(Real, 0, None, closed="neither"))
+    ('an integer >= 1', 'a finite number > 0')
+    """
+
+    def __init__(self, kind: type, low: float | None, high: float | None, *, closed: str = "both") -> None:
+        if kind not in (Integral, Real) or closed not in ("both", "left", "right", "neither"):
+            raise ValueError(f"Interval({kind!r}, closed={closed!r}) is not a valid constraint")
+        self.kind, self.low, self.high, self.closed = kind, low, high, closed
+
+    def __contains__(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, self.kind):
+            return False
+        value = float(value)
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or value == self.low and self.closed in ("right", "neither")):
+            return False
+        if self.high is not None and (value > self.high or value == self.high and self.closed in ("left", "neither")):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        what = "an integer" if self.kind is Integral else "a finite number"
+        low_op = ">=" if self.closed in ("both", "left") else ">"
+        high_op = "<=" if self.closed in ("both", "right") else "<"
+        if self.low is not None and self.high is not None:
+            return f"{what} {low_op} {self.low:g} and {high_op} {self.high:g}"
+        if self.low is not None:
+            return f"{what} {low_op} {self.low:g}"
+        if self.high is not None:
+            return f"{what} {high_op} {self.high:g}"
+        return what
+
+
+class Options:
+    """One of a set of strings (or of a ``str`` enum's values).
+
+    Examples
+    --------
+    >>> from sklearn_bayes_transfer.prior import PriorStructure
+    >>> "diag" in Options(PriorStructure), str(Options({"auto"}))
+    (True, "'auto'")
+    """
+
+    def __init__(self, values: Iterable[str] | type[Enum]) -> None:
+        self.values = tuple(m.value for m in values) if isinstance(values, type) else tuple(sorted(values))
+
+    def __contains__(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self.values
+
+    def __str__(self) -> str:
+        return ", ".join(repr(v) for v in self.values)
+
+
+def _satisfies(value: Any, constraint: Any) -> bool:
+    if constraint is None:
+        return value is None
+    if constraint == "callable":
+        return callable(value) and not isinstance(value, str)
+    if isinstance(constraint, type):
+        return isinstance(value, constraint)
+    return value in constraint
+
+
+def _describe(constraint: Any) -> str:
+    if constraint is None:
+        return "None"
+    if constraint == "callable":
+        return "a callable"
+    if isinstance(constraint, type):
+        return f"a {constraint.__name__}"
+    if isinstance(constraint, Options):
+        return f"one of {constraint}"
+    return str(constraint)
+
+
+def check_params(values: Mapping[str, Any], constraints: Mapping[str, Sequence[Any]], *,
+                 names: Mapping[str, str] | None = None, hints: Mapping[str, str] | None = None) -> None:
+    """Check every value of ``values`` that has constraints against them, in the style of
+    scikit-learn's ``_parameter_constraints``: a value is valid when it meets any of its
+    constraints (an :class:`Interval`, :class:`Options`, a type, ``"callable"``, or ``None`` for
+    ``None``). The first invalid one raises :class:`ConfigError` naming it (as ``names[key]``, e.g.
+    the command line's ``--option``), listing what is expected and adding ``hints[key]`` if given.
+
+    Examples
+    --------
+    >>> check_params({"lr": 0.1}, {"lr": [Interval(Real, 0, None, closed="neither")]})
+    >>> check_params({"lr": 0}, {"lr": [Interval(Real, 0, None, closed="neither")]}, names={"lr": "--lr"})
+    Traceback (most recent call last):
+    ...
+    sklearn_bayes_transfer.exceptions.ConfigError: --lr 0 is not valid; expected a finite number > 0
+    """
+    for key, allowed in constraints.items():
+        if key not in values:
+            continue
+        value = values[key]
+        if any(_satisfies(value, constraint) for constraint in allowed):
+            continue
+        name = (names or {}).get(key, key)
+        shown = f"{name} {value}" if name.startswith("--") else f"{name}={value!r}"
+        expected = " or ".join(_describe(c) for c in allowed)
+        hint = (hints or {}).get(key)
+        raise ConfigError(f"{shown} is not valid; expected {expected}" + (f" ({hint})" if hint else ""))

@@ -34,11 +34,17 @@ import torch
 from skorch.callbacks import Callback
 from torch import nn
 
+from ._validation import Integral, Interval, Real, check_choice, check_params
 from .batchnorm import batchnorm_buffers, batchnorm_inputs, recompute_batchnorm
 from .exceptions import ConfigError, PriorFormatError
-from .sampling import Inference, SamplingPlan, _check_float, _check_int, check_sampling_arguments, cyclical_step_size, plan_sampling
+from .sampling import (
+    SAMPLING_CONSTRAINTS,
+    Inference,
+    SamplingPlan,
+    cyclical_step_size,
+    plan_sampling,
+)
 from .sgld import PriorPrecisionSampler, langevin_noise_
-from ._validation import check_choice
 from .swag import SwagCallback
 
 __all__ = ["SWAG_RANK", "BayesianInferenceCallback", "BayesianInferenceMixin"]
@@ -84,7 +90,7 @@ def _seed(random_state: Any) -> int:
     if random_state is None:
         # From torch's global generator, so torch.manual_seed makes the run reproducible.
         return int(torch.randint(0, 2**62, ()))
-    return _check_int(random_state, "random_state", 0)
+    return int(random_state)
 
 
 # -- the callback ---------------------------------------------------------------------------------------------
@@ -315,21 +321,23 @@ class BayesianInferenceMixin:
     and :meth:`predict_proba` averages over them.
     """
 
+    _parameter_constraints: dict[str, list[Any]] = {
+        **SAMPLING_CONSTRAINTS,
+        "sgld_temperature": [Interval(Real, 0, None)],
+        "sample_lr": [None, Interval(Real, 0, None, closed="neither")],
+        "inference_device": [str, torch.device],
+        "random_state": [None, Interval(Integral, 0, None)],
+    }
+
     def _check_inference_hyperparameters(self, epochs: int | None = None) -> SamplingPlan | None:
         """Validate the inference hyperparameters; with the fit's ``epochs`` known, plan its sampling phase."""
-        _check_float(self.sgld_temperature, "sgld_temperature", low=0.0,
-                     hint=" (1 samples the Bayes posterior, < 1 a cold one, 0 is no noise)")
-        if self.sample_lr is not None:
-            _check_float(self.sample_lr, "sample_lr", low=0.0, strict=True, hint=" or None (the net's lr)")
+        check_params({name: getattr(self, name) for name in self._parameter_constraints}, self._parameter_constraints)
         _as_device(self.inference_device)
-        if self.random_state is not None:
-            _check_int(self.random_state, "random_state", 0)
-        arguments = dict(n_samples=self.n_samples, sample_start=self.sample_start, sample_every=self.sample_every,
-                         sgld_cycles=self.sgld_cycles)
         if epochs is None:
-            check_sampling_arguments(self.inference, **arguments)
             return None
-        return plan_sampling(self.inference, max_epochs=epochs, **arguments)
+        return plan_sampling(self.inference, max_epochs=epochs, n_samples=self.n_samples,
+                             sample_start=self.sample_start, sample_every=self.sample_every,
+                             sgld_cycles=self.sgld_cycles)
 
     @property
     def _default_callbacks(self):
@@ -348,7 +356,8 @@ class BayesianInferenceMixin:
             raise ConfigError(
                 f"inference={inference.value!r} predicts with posterior samples, but this estimator holds none: "
                 "fit it with this inference (a fit that stopped before its sampling phase keeps none)")
-        n = _check_int(self.n_samples, "n_samples", 1)
+        check_params({"n_samples": self.n_samples}, SAMPLING_CONSTRAINTS)
+        n = int(self.n_samples)
         if n > len(samples):
             raise ConfigError(
                 f"n_samples={n} asks for more samples than the {len(samples)} collected during fit; lower n_samples, "

@@ -6,16 +6,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from skorch import NeuralNetClassifier
-from skorch.callbacks import EpochScoring
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d
+from skorch import NeuralNetClassifier
+from skorch.callbacks import EpochScoring
 from torch import nn
 
 from .augment import Augment, augment_batch
 from .backbones import feature_dim_of
 from .exceptions import ConfigError, DataError
-from .recipe import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MIN_STEPS, DEFAULT_WARMUP, TrainLoader
+from .recipe import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LR,
+    DEFAULT_MIN_STEPS,
+    DEFAULT_WARMUP,
+    TrainLoader,
+)
 from .regularized import PriorRegularizedMixin, _as_numpy
 
 __all__ = ["PriorRegularizedClassifier", "index_accuracy"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -29,13 +28,19 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ._version import __version__
-from .backbones import BackboneWithHead, backbone_arguments, backbone_meta, feature_dim_of, get_backbone
-from .data import Preprocess, as_image_tensor, load_image_folder, prepare_images
 from ._device import resolve_device, seeded
-from ._validation import check_choice
+from ._validation import Integral, Interval, Options, Real, check_params
+from ._version import __version__
+from .backbones import (
+    BackboneWithHead,
+    backbone_arguments,
+    backbone_meta,
+    feature_dim_of,
+    get_backbone,
+)
+from .data import Preprocess, as_image_tensor, load_image_folder, prepare_images
 from .exceptions import ConfigError, DataError, TrainingDivergedError
-from .optim import optimizer_arguments
+from .optim import OptimizerName, optimizer_arguments
 from .prior import Prior
 from .simclr import NTXentLoss, SimCLRAugment, TwoViewDataset
 from .swag import CollectUnit, SwagCallback, SwagSchedule
@@ -111,15 +116,6 @@ class _FiniteLoss(Callback):
             epoch = len(net.history)
             raise TrainingDivergedError(f"the source training loss became {float(loss.detach())} in epoch {epoch}; "
                                         f"lower lr (now {net.lr}) or swag_lr, or increase batch_size")
-
-
-def _check_number(value: Any, name: str, *, low: float, integer: bool = False, strict: bool = False) -> None:
-    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(float(value))
-    ok = ok and (float(value) > low if strict else float(value) >= low)
-    if not ok:
-        what = "an integer" if integer else "a number"
-        raise ConfigError(f"{name}={value!r} is not valid; expected {what} {'>' if strict else '>='} {low:g}")
 
 
 # -- the estimator ---------------------------------------------------------------------------------
@@ -278,34 +274,46 @@ class PriorFitter(BaseEstimator):
         self.verbose = verbose
 
     # -- validation --------------------------------------------------------------------------------
+    #: Constraints of the hyperparameters, checked by :meth:`fit` (as scikit-learn's are).
+    _parameter_constraints: dict[str, list[Any]] = {
+        "backbone": [str, nn.Module],
+        "backbone_kwargs": [None, Mapping],
+        "source_task": [Options(SourceTask)],
+        "max_epochs": [Interval(Integral, 1, None)],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "optimizer": [Options(OptimizerName), type],
+        "momentum": [Interval(Real, 0, 1, closed="left")],
+        "weight_decay": [Interval(Real, 0, None)],
+        "batch_size": [Interval(Integral, 1, None)],
+        "swag_start": [None, Interval(Integral, 0, None)],
+        "swag_lr": [Interval(Real, 0, None, closed="neither")],
+        "swag_schedule": [Options(SwagSchedule)],
+        "rank": [Interval(Integral, 2, None)],  # the low-rank covariance divides by rank - 1
+        "collect_every": [Interval(Integral, 1, None)],
+        "collect_unit": [Options(CollectUnit)],
+        "var_clamp": [Interval(Real, 0, None, closed="neither")],
+        "simclr_temperature": [Interval(Real, 0, None, closed="neither")],
+        "projection_dim": [Interval(Integral, 1, None)],
+        "augment_flip": [bool],
+        "augment_noise": [Interval(Real, 0, None)],
+        "preprocess": [None, Preprocess, Mapping],
+        "device": [str, torch.device],
+        "random_state": [None, Interval(Integral, 0, None)],
+        "num_workers": [Interval(Integral, 0, None)],
+        "verbose": [Interval(Integral, 0, None), bool],
+    }
+
+    # -- validation --------------------------------------------------------------------------------
     def _validate_params(self) -> SourceTask:
-        task = check_choice(SourceTask, self.source_task, "source_task")
-        check_choice(SwagSchedule, self.swag_schedule, "swag_schedule")
-        check_choice(CollectUnit, self.collect_unit, "collect_unit")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 2:
-            raise ConfigError(f"rank={self.rank!r} is not valid; SWAG needs rank >= 2 deviation columns (the "
-                              "low-rank covariance divides by rank - 1); typical values are 5 to 20")
-        _check_number(self.max_epochs, "max_epochs", low=1, integer=True)
-        _check_number(self.batch_size, "batch_size", low=1, integer=True)
-        _check_number(self.collect_every, "collect_every", low=1, integer=True)
-        if self.swag_start is not None:
-            _check_number(self.swag_start, "swag_start", low=0, integer=True)
-        _check_number(self.projection_dim, "projection_dim", low=1, integer=True)
-        _check_number(self.num_workers, "num_workers", low=0, integer=True)
-        for name in ("lr", "swag_lr", "simclr_temperature", "var_clamp"):
-            _check_number(getattr(self, name), name, low=0, strict=True)
-        _check_number(self.momentum, "momentum", low=0)
-        _check_number(self.weight_decay, "weight_decay", low=0)
-        _check_number(self.augment_noise, "augment_noise", low=0)
+        check_params(self.get_params(deep=False), self._parameter_constraints, hints={
+            "rank": "SWAG needs rank >= 2 deviation columns, as the low-rank covariance divides by rank - 1; "
+                    "typical values are 5 to 20"})
+        task = SourceTask(self.source_task)
         if self._swag_start() >= self.max_epochs:
             raise ConfigError(f"swag_start={self._swag_start()} leaves no epoch for SWAG collection with "
                               f"max_epochs={self.max_epochs}; use swag_start < max_epochs")
         if task is SourceTask.SIMCLR and self.batch_size < 2:
             raise ConfigError("SimCLR needs batch_size >= 2: the other images of a batch are the negatives")
-        if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, Mapping):
-            raise ConfigError(f"backbone_kwargs must be a dict or None, got {type(self.backbone_kwargs).__name__}")
-        if not isinstance(self.backbone, (str, nn.Module)):
-            raise ConfigError(f"backbone must be a registered name or an nn.Module, got {type(self.backbone).__name__}")
         if isinstance(self.backbone, nn.Module) and self.backbone_kwargs:
             raise ConfigError("backbone_kwargs only apply to a registered backbone name; the nn.Module given "
                               "as backbone is used as it is")

@@ -34,10 +34,10 @@ hyperparameters are the ones the file recorded.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,14 +48,13 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._version import __version__
 from ._io import atomic_torch_save, safe_torch_load
-from .backbones import backbone_from_meta, backbone_meta
-from .data import Preprocess
 from ._validation import mismatch_report, plain
+from ._version import __version__
+from .backbones import BackboneWithHead, backbone_from_meta, backbone_meta
+from .data import Preprocess
 from .exceptions import BayesTransferError, PriorFormatError
 from .prior import FORMAT_NAME as PRIOR_FORMAT_NAME
-from .backbones import BackboneWithHead
 
 __all__ = ["MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION", "ModelFileError", "SavableEstimator", "load_model", "save_model"]
 

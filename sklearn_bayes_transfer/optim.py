@@ -87,7 +87,7 @@ import torch
 
 from . import _kernel
 from ._kernel import Backend
-from ._validation import check_choice
+from ._validation import Integral, Interval, Real, check_choice, check_params
 from .exceptions import ConfigError
 
 __all__ = ["FOP", "OptimizerName", "optimizer_arguments"]
@@ -101,38 +101,22 @@ _KERNEL_MAX_DIM = 16
 _KERNEL_SEGMENT = 1 << 16
 
 
-def _check_number(name: str, value: Any, *, minimum: float, strict: bool = False,
-                  below: float | None = None, hint: str) -> None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise ConfigError(f"FOP: {name} must be a number, got {value!r}; {hint}") from None
-    too_small = number <= minimum if strict else number < minimum
-    too_large = below is not None and number >= below
-    if not math.isfinite(number) or too_small or too_large:
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        if below is not None:
-            bound += f" and < {below}"
-        raise ConfigError(f"FOP: {name} must be a finite number {bound}, got {value!r}; {hint}")
+#: Constraints of FOP's options (its defaults and every param group's).
+_OPTION_CONSTRAINTS: dict[str, list[Any]] = {
+    "lr": [Interval(Real, 0, None)],
+    "precond_lr": [Interval(Real, 0, None)],  # 0 keeps P = I: plain SGD
+    "momentum": [Interval(Real, 0, 1, closed="left")],
+    "weight_decay": [Interval(Real, 0, None)],
+    "max_precond_norm": [Interval(Real, 0, None, closed="neither")],
+    "max_precond_dim": [Interval(Integral, 1, None)],
+}
 
 
 def _validate(options: dict[str, Any]) -> None:
-    _check_number("lr", options["lr"], minimum=0.0,
-                  hint="pass a non-negative learning rate, e.g. lr=0.01")
-    _check_number("precond_lr", options["precond_lr"], minimum=0.0,
-                  hint="pass a non-negative preconditioner learning rate (0 keeps P = I: plain SGD)")
-    _check_number("momentum", options["momentum"], minimum=0.0, below=1.0,
-                  hint="pass a momentum in [0, 1), e.g. momentum=0.9")
-    _check_number("weight_decay", options["weight_decay"], minimum=0.0,
-                  hint="pass a non-negative L2 coefficient, e.g. weight_decay=1e-4")
-    _check_number("max_precond_norm", options["max_precond_norm"], minimum=0.0, strict=True,
-                  hint="pass a positive bound on ||M||_2, e.g. max_precond_norm=10")
-    dim = options["max_precond_dim"]
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ConfigError(
-            f"FOP: max_precond_dim must be an integer >= 1, got {dim!r}; pass the largest number "
-            "of preconditioned columns per parameter, e.g. max_precond_dim=512"
-        )
+    try:
+        check_params(options, _OPTION_CONSTRAINTS)
+    except ConfigError as exc:
+        raise ConfigError(f"FOP: {exc}") from None
 
 
 def _precond_dim(param: torch.Tensor, max_precond_dim: int) -> int:

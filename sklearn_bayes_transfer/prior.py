@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._version import __version__
 from ._io import atomic_torch_save, safe_torch_load
 from ._validation import check_choice, mismatch_report, plain
+from ._version import __version__
 from .exceptions import ConfigError, PriorFormatError, PriorMismatchError
 
 __all__ = [

@@ -35,11 +35,10 @@ import torch
 from skorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from ._validation import check_choice
 from .batchnorm import batchnorm_inputs, recompute_batchnorm
-from .sampling import SamplingPlan
 from .exceptions import ConfigError
 from .prior import Prior
+from .sampling import SamplingPlan
 
 __all__ = [
     "AUTO_SCALE_DECADES",
@@ -54,7 +53,6 @@ __all__ = [
     "TrainLoader",
     "TrainingPlan",
     "WarmupCosineLR",
-    "check_recipe",
     "epochs_for_steps",
     "resolve_prior_scale",
     "warmup_cosine_factor",
@@ -275,18 +273,3 @@ def resolve_prior_scale(value: Any, prior: Prior | None, argument: str = "prior_
     if not ok:
         raise ConfigError(f"{argument}={value!r} is not valid; expected a finite number > 0 or 'auto'")
     return float(value)
-
-
-def check_recipe(estimator: Any) -> None:
-    """Validate the recipe hyperparameters of an estimator (raises :class:`ConfigError`)."""
-    check_choice(LRSchedule, estimator.lr_schedule, "lr_schedule")
-    check_choice(BatchNormUpdate, estimator.batchnorm, "batchnorm")
-    warmup = estimator.warmup
-    if isinstance(warmup, bool) or not isinstance(warmup, (int, float, np.integer, np.floating)) \
-            or not 0 <= float(warmup) < 1:
-        raise ConfigError(f"warmup={warmup!r} is not valid; expected the fraction of steps to warm up, in [0, 1)")
-    for name in ("min_steps",) + (("max_epochs",) if estimator.max_epochs is not None else ()):
-        value = getattr(estimator, name)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            hint = " or None (enough epochs for min_steps optimizer steps)" if name == "max_epochs" else ""
-            raise ConfigError(f"{name}={value!r} is not valid; expected an integer >= 1{hint}")

@@ -35,14 +35,18 @@ from skorch.callbacks import Callback, PassthroughScoring
 from skorch.dataset import ValidSplit, unpack_data
 from torch import nn
 
+from ._device import resolve_device, seeded
+from ._validation import Integral, Interval, Options, Real, check_choice, check_params
 from .augment import Augment, check_augment
 from .backbones import BackboneWithHead, backbone_from_meta
 from .bayes import BayesianInferenceMixin
-from .sampling import Inference
 from .data import Preprocess, TransformedDataset, prepare_images
-from ._device import resolve_device, seeded
-from ._validation import check_choice
-from .exceptions import ConfigError, DataError, PriorMismatchError, TrainingDivergedError
+from .exceptions import (
+    ConfigError,
+    DataError,
+    PriorMismatchError,
+    TrainingDivergedError,
+)
 from .penalty import PriorPenalty
 from .prior import Prior, PriorStructure, named_parameters_for
 from .recipe import (
@@ -52,10 +56,10 @@ from .recipe import (
     RecomputeBatchNorm,
     TrainingPlan,
     WarmupCosineLR,
-    check_recipe,
     epochs_for_steps,
     resolve_prior_scale,
 )
+from .sampling import Inference
 
 __all__ = ["PriorRegularizedMixin", "PriorUpdate"]
 
@@ -76,15 +80,6 @@ class PriorUpdate(str, Enum):
     AUTO = "auto"
     PROXIMAL = "proximal"
     GRADIENT = "gradient"
-
-
-def _check_positive(value: Any, argument: str, *, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool) \
-        and math.isfinite(float(value)) and (float(value) >= 0 if allow_zero else float(value) > 0)
-    if not ok:
-        expected = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{argument} must be a finite number {expected}, got {value!r}")
-    return float(value)
 
 
 class _FiniteWeightsGuard(Callback):
@@ -109,6 +104,34 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
     :class:`~sklearn_bayes_transfer.bayes.BayesianInferenceMixin`, whose hyperparameters they set too.
     """
 
+    #: Constraints of the hyperparameters this mixin adds (and of skorch's it relies on), checked by
+    #: :meth:`fit` as scikit-learn checks ``_parameter_constraints``; subclasses add theirs.
+    _parameter_constraints: dict[str, list[Any]] = {
+        "prior_scale": [Interval(Real, 0, None, closed="neither"), Options({"auto"})],
+        "prior_eps": [Interval(Real, 0, None, closed="left")],
+        "prior_structure": [Options(PriorStructure)],
+        "head_weight_decay": [Interval(Real, 0, None, closed="left")],
+        "prior_update": [Options(PriorUpdate)],
+        "factor_dtype": [None, Options({"float32", "bfloat16", "float16"}), torch.dtype],
+        "max_epochs": [None, Interval(Integral, 1, None)],
+        "min_steps": [Interval(Integral, 1, None)],
+        "lr": [Interval(Real, 0, None)],  # 0 is allowed: a fit that only builds the network
+        "batch_size": [Interval(Integral, 1, None), Interval(Integral, -1, -1)],
+        "lr_schedule": [Options(LRSchedule)],
+        "warmup": [Interval(Real, 0, 1, closed="left")],
+        "augment": [Options(Augment), "callable"],
+        "batchnorm": [Options(BatchNormUpdate)],
+        "random_state": [None, Interval(Integral, 0, None)],
+        "device": [None, str, torch.device],
+    }
+
+    @classmethod
+    def _all_parameter_constraints(cls) -> dict[str, list[Any]]:
+        merged: dict[str, list[Any]] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(klass.__dict__.get("_parameter_constraints", {}))
+        return merged
+
     #: Whether ``preprocess="auto"`` resizes inputs to the prior's recorded image size (a
     #: classifier's pooled features expect the source geometry; a segmenter reads any size).
     _resize_to_prior = True
@@ -130,14 +153,11 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         return structure
 
     def _check_prior_hyperparameters(self) -> None:
-        resolve_prior_scale(self.prior_scale, None)
-        _check_positive(self.prior_eps, "prior_eps", allow_zero=True)
-        _check_positive(self.head_weight_decay, "head_weight_decay", allow_zero=True)
-        check_choice(PriorUpdate, self.prior_update, "prior_update")
-        check_recipe(self)
-        check_augment(self.augment)
+        constraints = self._all_parameter_constraints()
+        check_params({name: getattr(self, name) for name in constraints}, constraints)
+        if isinstance(self.device, str):
+            resolve_device(self.device)
         self._check_inference_hyperparameters()
-        self._structure()
         if self.prior is None and self.module is None:
             raise ConfigError(f"{type(self).__name__} needs prior=... (a Prior or a prior file, from which the "
                               "backbone is rebuilt) or module=... (your own network)")

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import check_choice
+from ._validation import Integral, Interval, Options, Real, check_params
 from .exceptions import ConfigError
 
-__all__ = ["Inference", "SamplingPlan", "check_sampling_arguments", "cyclical_step_size", "plan_sampling"]
+__all__ = ["SAMPLING_CONSTRAINTS", "Inference", "SamplingPlan", "cyclical_step_size", "plan_sampling"]
 
 
 class Inference(str, Enum):
@@ -54,37 +54,15 @@ class SamplingPlan:
     cycles: int = 1
 
 
-def _check_int(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{name}={value!r} is not valid; expected an integer >= {low}")
-    return int(value)
-
-
-def _check_float(value: Any, name: str, *, low: float, high: float | None = None, strict: bool = False,
-                 hint: str = "") -> float:
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
-        and math.isfinite(float(value))
-    ok = ok and (float(value) > low if strict else float(value) >= low) and (high is None or float(value) < high)
-    if not ok:
-        bound = f"{'>' if strict else '>='} {low:g}" + (f" and < {high:g}" if high is not None else "")
-        raise ConfigError(f"{name}={value!r} is not valid; expected a finite number {bound}{hint}")
-    return float(value)
-
-
-def check_sampling_arguments(inference: Inference | str, *, n_samples: int, sample_start: float, sample_every: int,
-                             sgld_cycles: int) -> tuple[Inference, float, int, int]:
-    """Validate the sampling arguments of :func:`plan_sampling`, before the length of a fit is known.
-
-    Returns ``(inference, sample_start, sample_every, sgld_cycles)`` as an :class:`Inference`,
-    a float and two ints.
-    """
-    inference = check_choice(Inference, inference, "inference")
-    _check_int(n_samples, "n_samples", 1)
-    sample_every = _check_int(sample_every, "sample_every", 1)
-    cycles = _check_int(sgld_cycles, "sgld_cycles", 1)
-    sample_start = _check_float(sample_start, "sample_start", low=0.0, high=1.0,
-                                hint=" (the fraction of max_epochs trained before sampling starts)")
-    return inference, sample_start, sample_every, cycles
+#: Constraints of the sampling arguments (:func:`plan_sampling`, the estimators' hyperparameters).
+SAMPLING_CONSTRAINTS: dict[str, list[Any]] = {
+    "inference": [Options(Inference)],
+    "max_epochs": [Interval(Integral, 1, None)],
+    "n_samples": [Interval(Integral, 1, None)],
+    "sample_start": [Interval(Real, 0, 1, closed="left")],
+    "sample_every": [Interval(Integral, 1, None)],
+    "sgld_cycles": [Interval(Integral, 1, None)],
+}
 
 
 def plan_sampling(
@@ -115,9 +93,10 @@ def plan_sampling(
     >>> plan.start, plan.sample_epochs   # epochs 2, 3 and 6, 7 of the phase end low in a cycle
     (8, (2, 3, 6, 7))
     """
-    max_epochs = _check_int(max_epochs, "max_epochs", 1)
-    inference, sample_start, sample_every, cycles = check_sampling_arguments(
-        inference, n_samples=n_samples, sample_start=sample_start, sample_every=sample_every, sgld_cycles=sgld_cycles)
+    check_params(dict(inference=inference, max_epochs=max_epochs, n_samples=n_samples, sample_start=sample_start,
+                      sample_every=sample_every, sgld_cycles=sgld_cycles), SAMPLING_CONSTRAINTS)
+    inference, cycles = Inference(inference), int(sgld_cycles)
+    max_epochs, sample_every, sample_start = int(max_epochs), int(sample_every), float(sample_start)
     if inference is Inference.MAP:
         return SamplingPlan(inference, max_epochs, 0, ())
     start = int(math.floor(sample_start * max_epochs))

@@ -24,14 +24,26 @@ from skorch.callbacks import Callback
 from skorch.dataset import ValidSplit, unpack_data
 from torch import nn
 
+from ._validation import Integral, Interval, Options
 from .augment import augment_batch
 from .data import JointTransform, as_image_tensor, as_mask_tensor, resize_masks
 from .exceptions import ConfigError, DataError
+from .heads import (
+    DeepLabV3Head,
+    FCNHead,
+    SegmentationHead,
+    SegmentationModel,
+    build_segmentation_head,
+    resize_logits,
+)
 from .metrics import IGNORE_TARGET, encode_masks, mean_iou_from_confusion, miou_scorer
-from ._validation import check_choice
-from .recipe import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_MIN_STEPS, DEFAULT_WARMUP, TrainLoader
-from .heads import (DeepLabV3Head, FCNHead, SegmentationHead, SegmentationModel, build_segmentation_head,
-                    resize_logits)
+from .recipe import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LR,
+    DEFAULT_MIN_STEPS,
+    DEFAULT_WARMUP,
+    TrainLoader,
+)
 from .regularized import PriorRegularizedMixin, _as_numpy
 
 __all__ = [
@@ -263,11 +275,12 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
 
 
     # -- hyperparameters -------------------------------------------------------------------------
+    _parameter_constraints: dict[str, list[Any]] = {
+        "ignore_index": [None, Interval(Integral, None, None)],
+        "head": [Options(SegmentationHead)],
+    }
+
     def _check_segmenter_params(self) -> None:
-        ignore = self.ignore_index
-        if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, (int, np.integer))):
-            raise ConfigError(f"ignore_index must be an int or None, got {ignore!r}")
-        check_choice(SegmentationHead, self.head, "head")
         if "ignore_index" in self.get_params_for("criterion"):
             raise ConfigError("set ignore_index on the segmenter (ignore_index=...), not criterion__ignore_index: "
                               "the criterion sees encoded masks, whose ignored pixels the segmenter marks itself")

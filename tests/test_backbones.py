@@ -22,8 +22,6 @@ from sklearn_bayes_transfer.backbones import (
 from sklearn_bayes_transfer.exceptions import ConfigError
 
 
-
-
 @pytest.fixture
 def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations made by a test disappear after it."""

@@ -19,14 +19,17 @@ from torch import nn
 
 from sklearn_bayes_transfer import ConfigError, Prior, PriorFormatError, PriorPenalty
 from sklearn_bayes_transfer.backbones import get_backbone
-from sklearn_bayes_transfer.batchnorm import BN_MAX_EXAMPLES, batchnorm_buffers, batchnorm_inputs
-from sklearn_bayes_transfer.sampling import Inference, cyclical_step_size, plan_sampling
+from sklearn_bayes_transfer.batchnorm import (
+    BN_MAX_EXAMPLES,
+    batchnorm_buffers,
+    batchnorm_inputs,
+)
 from sklearn_bayes_transfer.bayes import _langevin_prox
-from sklearn_bayes_transfer.sgld import PriorPrecisionSampler, langevin_noise_
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
 from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.metrics import negative_log_likelihood
-
+from sklearn_bayes_transfer.sampling import Inference, cyclical_step_size, plan_sampling
+from sklearn_bayes_transfer.sgld import PriorPrecisionSampler, langevin_noise_
 
 # -- fixtures ---------------------------------------------------------------------------------------
 

@@ -24,10 +24,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
-from threadpoolctl import threadpool_limits
 from skorch.callbacks import Callback
 from skorch.dataset import ValidSplit
 from skorch.helper import SliceDataset
+from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.distributions import LowRankMultivariateNormal, Normal
 from torch.utils.data import TensorDataset
@@ -41,8 +41,8 @@ from sklearn_bayes_transfer import (
     TrainingDivergedError,
 )
 from sklearn_bayes_transfer.backbones import get_backbone
-from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
+from sklearn_bayes_transfer.datasets import load_digits_images
 
 DIGIT_NAMES = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
 

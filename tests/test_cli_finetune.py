@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CLASSES, PREPROCESS, one_line_error, write_folder, write_prior
 from PIL import Image
+from sklearn_bayes_transfer.cli.app import app
 from typer.testing import CliRunner
 
-from conftest import CLASSES, PREPROCESS, one_line_error, write_folder, write_prior
 from sklearn_bayes_transfer import Prior
 from sklearn_bayes_transfer.backbones import get_backbone
-from sklearn_bayes_transfer.cli.app import app
 from sklearn_bayes_transfer.data import load_image_folder
 from sklearn_bayes_transfer.modelfile import load_model
 

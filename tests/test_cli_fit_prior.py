@@ -9,16 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn_bayes_transfer.cli.app import app
 from typer.testing import CliRunner
 
 from sklearn_bayes_transfer import Prior, _io
-from sklearn_bayes_transfer.cli.app import app
 from sklearn_bayes_transfer.data import save_image
 from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.swag import SwagCallback
-
-
-
 
 FAST = ["--backbone", "small_cnn", "--backbone-kwargs", '{"width": 4}', "--max-epochs", "3", "--swag-start", "1",
         "--rank", "2", "--batch-size", "32", "--device", "cpu", "--quiet"]

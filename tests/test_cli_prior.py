@@ -8,11 +8,11 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+from sklearn_bayes_transfer.cli import convert_cmd, inspect_cmd  # noqa: F401  (register the commands)
+from sklearn_bayes_transfer.cli._app import app
 from typer.testing import CliRunner
 
 from sklearn_bayes_transfer import Prior, __version__
-from sklearn_bayes_transfer.cli import convert_cmd, inspect_cmd  # noqa: F401  (register the commands)
-from sklearn_bayes_transfer.cli._app import app
 
 # The shared Typer app with only the commands under test registered: these tests then do not
 # depend on the import health of every other command module (cli/app.py imports them all).

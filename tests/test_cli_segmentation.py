@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from conftest import one_line_error, write_folder, write_prior
+from PIL import Image
+from sklearn_bayes_transfer.cli.app import app
 from typer.testing import CliRunner
 
 from sklearn_bayes_transfer import Prior
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
-from sklearn_bayes_transfer.cli.app import app
 from sklearn_bayes_transfer.metrics import mean_iou, per_class_iou, pixel_accuracy
 from sklearn_bayes_transfer.modelfile import load_model, save_model
 from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter

@@ -7,21 +7,26 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error, write_folder, write_prior
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
+from sklearn_bayes_transfer.cli.app import app
 from typer.testing import CliRunner
 
 from sklearn_bayes_transfer import Prior
 from sklearn_bayes_transfer.backbones import get_backbone
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
-from sklearn_bayes_transfer.cli.app import app
-from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.data import load_image_folder
+from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.demo import digits_transfer_demo, fit_digits_prior
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.modelfile import load_model
-from sklearn_bayes_transfer.tuning import default_param_grid, prefer_default, results_table, select_index
-from conftest import one_line_error, write_folder, write_prior
+from sklearn_bayes_transfer.tuning import (
+    default_param_grid,
+    prefer_default,
+    results_table,
+    select_index,
+)
 
 runner = CliRunner()
 

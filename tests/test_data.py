@@ -28,7 +28,12 @@ from sklearn_bayes_transfer.data import (
     save_image,
     save_mask,
 )
-from sklearn_bayes_transfer.exceptions import ConfigError, DataError, OutputExistsError, PriorFormatError
+from sklearn_bayes_transfer.exceptions import (
+    ConfigError,
+    DataError,
+    OutputExistsError,
+    PriorFormatError,
+)
 
 RNG = np.random.default_rng(0)
 

@@ -7,9 +7,9 @@ import importlib
 import pkgutil
 
 import pytest
+import sklearn_bayes_transfer.cli
 
 import sklearn_bayes_transfer
-import sklearn_bayes_transfer.cli
 
 # The CLI package is installed from cli/ (package-dir), outside the library's own folder.
 MODULES = sorted({m.name for package in (sklearn_bayes_transfer, sklearn_bayes_transfer.cli)

@@ -15,16 +15,31 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from sklearn_bayes_transfer import Prior, _io
-from sklearn_bayes_transfer.backbones import BackboneWithHead, backbone_from_meta, get_backbone
-from sklearn_bayes_transfer.data import ImageFolder, Preprocess, prepare_images, save_image
+from sklearn_bayes_transfer.backbones import (
+    BackboneWithHead,
+    backbone_from_meta,
+    get_backbone,
+)
+from sklearn_bayes_transfer.data import (
+    ImageFolder,
+    Preprocess,
+    prepare_images,
+    save_image,
+)
 from sklearn_bayes_transfer.datasets import load_digits_images
-from sklearn_bayes_transfer.exceptions import ConfigError, DataError, TrainingDivergedError
+from sklearn_bayes_transfer.exceptions import (
+    ConfigError,
+    DataError,
+    TrainingDivergedError,
+)
 from sklearn_bayes_transfer.fitter import PriorFitter
-from sklearn_bayes_transfer.simclr import NTXentLoss, SimCLRAugment, TwoViewDataset, nt_xent_loss
+from sklearn_bayes_transfer.simclr import (
+    NTXentLoss,
+    SimCLRAugment,
+    TwoViewDataset,
+    nt_xent_loss,
+)
 from sklearn_bayes_transfer.swag import SwagCallback, SwagCollector
-
-
-
 
 FAST = dict(backbone="small_cnn", backbone_kwargs={"width": 4}, max_epochs=3, swag_start=1, rank=2,
             batch_size=64, lr=0.1, swag_lr=0.05)

@@ -12,7 +12,12 @@ from sklearn.base import BaseEstimator
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss, log_loss
-from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold, cross_val_score
+from sklearn.model_selection import (
+    GridSearchCV,
+    KFold,
+    StratifiedKFold,
+    cross_val_score,
+)
 
 from sklearn_bayes_transfer.exceptions import ConfigError, DataError, OutputExistsError
 from sklearn_bayes_transfer.metrics import (

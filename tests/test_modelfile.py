@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sklearn_bayes_transfer import OutputExistsError, Prior, PriorFormatError
-from sklearn_bayes_transfer.backbones import get_backbone
+from sklearn_bayes_transfer.backbones import BackboneWithHead, get_backbone
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
 from sklearn_bayes_transfer.data import Preprocess
 from sklearn_bayes_transfer.modelfile import (
@@ -20,7 +20,6 @@ from sklearn_bayes_transfer.modelfile import (
     load_model,
     save_model,
 )
-from sklearn_bayes_transfer.backbones import BackboneWithHead
 
 PREPROCESS = {"image_size": [8, 8], "channels": 1, "mean": [0.4], "std": [0.3]}
 

@@ -17,7 +17,12 @@ from sklearn_bayes_transfer.exceptions import DataError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import offline_datasets as datasets  # noqa: E402
-from offline_datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, load_mnist_5k, read_idx  # noqa: E402
+from offline_datasets import (  # noqa: E402
+    FASHION_MNIST_CLASSES,
+    load_fashion_mnist,
+    load_mnist_5k,
+    read_idx,
+)
 
 RNG = np.random.default_rng(0)
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from sklearn_bayes_transfer import Backend, ConfigError
-from sklearn_bayes_transfer import _kernel
+from sklearn_bayes_transfer import Backend, ConfigError, _kernel
 from sklearn_bayes_transfer import optim as optim_module
 from sklearn_bayes_transfer.optim import FOP
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import write_folder
+from sklearn_bayes_transfer.cli.app import app
 from typer.testing import CliRunner
 
 from sklearn_bayes_transfer import ConfigError, PriorFitter
-from sklearn_bayes_transfer.cli.app import app
 from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.optim import FOP, optimizer_arguments
-from conftest import write_folder
 
 
 @pytest.mark.parametrize("name, cls, has_momentum", [("sgd", torch.optim.SGD, True),

@@ -10,10 +10,16 @@ import math
 
 import pytest
 import torch
+from conftest import (
+    assert_grad_close,
+    flat_grad,
+    point_near,
+    ref_penalty_and_grad,
+    reference,
+)
 from torch import nn
 from torch.distributions import LowRankMultivariateNormal
 
-from conftest import assert_grad_close, flat_grad, point_near, ref_penalty_and_grad, reference
 from sklearn_bayes_transfer import ConfigError, Prior, PriorMismatchError, PriorPenalty
 
 STRUCTURES = ["lowrank", "diag", "isotropic"]

@@ -15,8 +15,18 @@ import torch
 from sklearn.base import BaseEstimator, clone
 from torch import nn
 
-from sklearn_bayes_transfer import ConfigError, OutputExistsError, Prior, PriorFormatError, PriorMismatchError
-from sklearn_bayes_transfer.prior import FORMAT_NAME, FORMAT_VERSION, named_parameters_for
+from sklearn_bayes_transfer import (
+    ConfigError,
+    OutputExistsError,
+    Prior,
+    PriorFormatError,
+    PriorMismatchError,
+)
+from sklearn_bayes_transfer.prior import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    named_parameters_for,
+)
 
 
 def assert_same_prior(a: Prior, b: Prior) -> None:

@@ -10,7 +10,12 @@ import pytest
 import torch
 from skorch.callbacks import Callback
 
-from sklearn_bayes_transfer import ConfigError, Prior, PriorFitter, PriorRegularizedClassifier
+from sklearn_bayes_transfer import (
+    ConfigError,
+    Prior,
+    PriorFitter,
+    PriorRegularizedClassifier,
+)
 from sklearn_bayes_transfer.augment import Augment, augment_batch, random_affine
 from sklearn_bayes_transfer.backbones import get_backbone
 from sklearn_bayes_transfer.datasets import load_digits_images

@@ -22,10 +22,14 @@ from sklearn_bayes_transfer.augment import Augment
 from sklearn_bayes_transfer.backbones import get_backbone
 from sklearn_bayes_transfer.batchnorm import batchnorm_buffers
 from sklearn_bayes_transfer.data import JointTransform, Preprocess, SegmentationDataset
+from sklearn_bayes_transfer.heads import DeepLabV3Head, FCNHead, SegmentationModel
 from sklearn_bayes_transfer.metrics import mean_iou, miou_scorer
 from sklearn_bayes_transfer.modelfile import load_model, save_model
-from sklearn_bayes_transfer.heads import DeepLabV3Head, FCNHead, SegmentationModel
-from sklearn_bayes_transfer.segmenter import IGNORE_TARGET, EpochMeanIoU, PriorRegularizedSegmenter
+from sklearn_bayes_transfer.segmenter import (
+    IGNORE_TARGET,
+    EpochMeanIoU,
+    PriorRegularizedSegmenter,
+)
 
 CLASSES = (0, 3, 7)  # non-contiguous ids, so label <-> index mix-ups show
 

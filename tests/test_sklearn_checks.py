@@ -20,8 +20,8 @@ cannot go stale.
 from __future__ import annotations
 
 import torch
-from skorch.callbacks import Callback
 from sklearn.utils.estimator_checks import parametrize_with_checks
+from skorch.callbacks import Callback
 
 from sklearn_bayes_transfer import Prior
 from sklearn_bayes_transfer.backbones import get_backbone

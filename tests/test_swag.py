@@ -15,9 +15,6 @@ from sklearn_bayes_transfer import Prior
 from sklearn_bayes_transfer.exceptions import ConfigError, PriorMismatchError
 from sklearn_bayes_transfer.swag import SwagCallback, SwagCollector, default_swag_params
 
-
-
-
 SHAPES = [(4, 5), (5,), (3, 2, 2)]
 NAMES = ["a.weight", "a.bias", "b.weight"]
 
