@@ -19,8 +19,8 @@ import torch
 
 from .exceptions import ConfigError
 
-__all__ = ["PLAIN_TYPES", "Integral", "Interval", "Options", "Real", "check_choice", "check_params", "mismatch_report",
-           "plain"]
+__all__ = ["PLAIN_TYPES", "Integral", "Interval", "Options", "Real", "as_numpy", "check_choice", "check_params",
+           "mismatch_report", "plain"]
 
 #: Scalar types a prior's or model file's metadata may hold (with lists and str-keyed dicts of them).
 PLAIN_TYPES = (str, int, float, bool, type(None))
@@ -42,6 +42,22 @@ def check_choice(enum: type[E], value: Any, argument: str) -> E:
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in enum)
         raise ConfigError(f"{argument}={value!r} is not valid; expected one of {allowed}") from None
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """An array-like or tensor (any device; bfloat16 widened, as numpy has none) as a numpy array.
+
+    Examples
+    --------
+    >>> as_numpy(torch.ones(2, dtype=torch.bfloat16)).dtype
+    dtype('float32')
+    """
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
 
 
 def plain(value: Any, where: str, *, error: type[Exception] = ConfigError, tensors: bool = False) -> Any:

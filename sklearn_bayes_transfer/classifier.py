@@ -12,6 +12,7 @@ from skorch import NeuralNetClassifier
 from skorch.callbacks import EpochScoring
 from torch import nn
 
+from ._validation import as_numpy
 from .augment import Augment, augment_batch
 from .backbones import feature_dim_of
 from .exceptions import ConfigError, DataError
@@ -22,7 +23,7 @@ from .recipe import (
     DEFAULT_WARMUP,
     TrainLoader,
 )
-from .regularized import PriorRegularizedMixin, _as_numpy
+from .regularized import PriorRegularizedMixin
 
 __all__ = ["PriorRegularizedClassifier", "index_accuracy"]
 
@@ -34,7 +35,7 @@ def index_accuracy(net: Any, X: Any, y: Any) -> float:
     that averages over posterior samples, which exist only once fit has finished.
     """
     predicted = net.forward(X).argmax(dim=1).cpu().numpy()
-    return float(np.mean(predicted == _as_numpy(y).reshape(-1)))
+    return float(np.mean(predicted == as_numpy(y).reshape(-1)))
 
 
 class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
@@ -235,7 +236,7 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
     # -- labels ------------------------------------------------------------------------------------
 
     def _encode(self, y: Any, *, n: int) -> torch.Tensor:
-        y = _as_numpy(y)
+        y = as_numpy(y)
         if y.ndim != 1 and not (y.ndim == 2 and y.shape[1] == 1):
             raise DataError(f"y must be 1-D class labels, got shape {y.shape}")
         y = y.reshape(-1)
@@ -254,7 +255,7 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         if y is None:
             raise DataError(f"{type(self).__name__} requires y to be passed, but the target y is None; pass "
                             "class labels, or a Dataset that yields (image, label) pairs")
-        labels = _as_numpy(y)
+        labels = as_numpy(y)
         # (N, 1) is accepted with sklearn's DataConversionWarning; "continuous" targets are refused.
         labels = column_or_1d(labels, warn=True) if labels.ndim == 2 and labels.shape[1] == 1 else labels.reshape(-1)
         try:
@@ -356,7 +357,7 @@ def _dataset_labels(dataset: torch.utils.data.Dataset) -> np.ndarray:
     """Labels of a ``(x, y)`` dataset: its ``targets`` attribute, else one pass over it."""
     targets = getattr(dataset, "targets", None)
     if targets is not None and len(targets) == len(dataset):
-        return _as_numpy(targets)
+        return as_numpy(targets)
     labels = []
     for i in range(len(dataset)):
         item = dataset[i]

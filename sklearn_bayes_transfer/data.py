@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ._io import atomic_write
+from ._validation import Integral, Interval, as_numpy, check_params
 from .exceptions import ConfigError, DataError
 
 __all__ = [
@@ -533,8 +534,7 @@ def _geometry(images: torch.Tensor, channels: int | None, size: tuple[int, int] 
 
 
 def _check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive int; got {batch_size!r}")
+    check_params({"batch_size": batch_size}, {"batch_size": [Interval(Integral, 1, None)]})
     return int(batch_size)
 
 
@@ -1099,12 +1099,6 @@ class TransformedDataset(torch.utils.data.Dataset):
 # writing images
 # ---------------------------------------------------------------------------------------------
 
-def _to_numpy(array: Any) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        return array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
 def _pil_format(path: Path) -> str:
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
@@ -1131,7 +1125,7 @@ def save_image(array: Any, path: str | os.PathLike, *, overwrite: bool = True) -
     >>> save_image(np.zeros((3, 8, 8)), "black.png")                 # doctest: +SKIP
     """
     path = Path(path)
-    data = _to_numpy(array)
+    data = as_numpy(array)
     if data.ndim == 3:
         if data.shape[0] in (1, 3, 4):
             data = data.transpose(1, 2, 0)
@@ -1172,7 +1166,7 @@ def save_mask(mask: Any, path: str | os.PathLike, *, overwrite: bool = True) -> 
     path = Path(path)
     if path.suffix.lower() in _LOSSY_EXTENSIONS + (".webp",):
         raise DataError(f"cannot write mask '{path}' in a lossy format; use .png")
-    data = _to_numpy(mask)
+    data = as_numpy(mask)
     if data.ndim == 3 and data.shape[0] == 1:
         data = data[0]
     if data.ndim != 2:

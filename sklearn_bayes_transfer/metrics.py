@@ -26,9 +26,9 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
 from ._io import atomic_write
+from ._validation import as_numpy
 from .exceptions import ConfigError, DataError
 
 __all__ = [
@@ -71,22 +71,13 @@ _NUMERIC_KINDS = "biuf"
 # --------------------------------------------------------------------------------------------
 
 
-def _as_array(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        if x.dtype in (torch.bfloat16,):  # numpy has no bfloat16
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
-
-
 def _preview(values: np.ndarray, limit: int = 10) -> str:
     items = [repr(v) for v in values[:limit].tolist()]
     return "[" + ", ".join(items) + (", ..." if len(values) > limit else "") + "]"
 
 
 def _check_proba(proba: Any) -> np.ndarray:
-    p = _as_array(proba)
+    p = as_numpy(proba)
     if p.ndim != 2:
         raise DataError(
             f"proba must be 2-D of shape (n_samples, n_classes), got shape {p.shape}; "
@@ -120,7 +111,7 @@ def _check_proba(proba: Any) -> np.ndarray:
 def _check_classes(classes: Any, n_classes: int) -> np.ndarray:
     if classes is None:
         return np.arange(n_classes)
-    c = _as_array(classes)
+    c = as_numpy(classes)
     if c.ndim != 1:
         raise DataError(f"classes must be 1-D, got shape {c.shape}")
     if len(c) != n_classes:
@@ -149,7 +140,7 @@ def _positions(y: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def _label_indices(y: np.ndarray, classes: np.ndarray, *, what: str = "y_true", default: bool = False) -> np.ndarray:
     """Map labels to column indices; raise naming the first label not in ``classes``."""
-    y = _as_array(y)
+    y = as_numpy(y)
     idx, found = _positions(y, classes)
     if not found.all():
         first = y[~found].ravel()[0]
@@ -166,7 +157,7 @@ def _label_indices(y: np.ndarray, classes: np.ndarray, *, what: str = "y_true", 
 def _prepare_proba_inputs(y_true: Any, proba: Any, classes: Any) -> tuple[np.ndarray, np.ndarray]:
     """Validate and return ``(true column index per sample, proba as float64)``."""
     p = _check_proba(proba)
-    y = _as_array(y_true)
+    y = as_numpy(y_true)
     if y.ndim != 1 or len(y) != p.shape[0]:
         raise DataError(
             f"y_true must be 1-D with one label per row of proba; got y_true shape {y.shape} "
@@ -210,7 +201,7 @@ def accuracy(y_true: Any, y_pred: Any) -> float:
     >>> accuracy(["cat", "dog", "dog"], ["cat", "dog", "cat"])
     0.6666666666666666
     """
-    t, p = _as_array(y_true), _as_array(y_pred)
+    t, p = as_numpy(y_true), as_numpy(y_pred)
     if t.shape != p.shape:
         raise DataError(f"y_true and y_pred must have the same shape, got {t.shape} and {p.shape}")
     if t.size == 0:
@@ -514,7 +505,7 @@ def reliability_diagram(
 
 
 def _check_mask_pair(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
-    t, p = _as_array(y_true), _as_array(y_pred)
+    t, p = as_numpy(y_true), as_numpy(y_pred)
     if t.shape != p.shape:
         raise DataError(f"y_true and y_pred masks must have the same shape, got {t.shape} and {p.shape}")
     if t.ndim not in (2, 3):
@@ -573,7 +564,7 @@ def encode_masks(masks: Any, classes: Any, ignore_index: int | None = None, *,
     >>> encode_masks(np.array([[[0, 7, 255]]]), [0, 7], ignore_index=255).tolist()
     [[[0, 1, -100]]]
     """
-    masks, classes = _as_array(masks), _as_array(classes)
+    masks, classes = as_numpy(masks), as_numpy(classes)
     index, known = _positions(masks, classes)
     ignored = masks == ignore_index if ignore_index is not None else np.zeros(masks.shape, dtype=bool)
     unknown = ~known & ~ignored
@@ -644,7 +635,7 @@ def iou_from_confusion(cm: Any) -> np.ndarray:
     >>> iou_from_confusion(np.array([[2, 1], [0, 0]])).round(3).tolist()
     [0.667, 0.0]
     """
-    cm = _as_array(cm)
+    cm = as_numpy(cm)
     tp = np.diag(cm).astype(np.float64)
     union = cm.sum(axis=0) + cm.sum(axis=1) - np.diag(cm)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -774,7 +765,7 @@ class _PredictScorer:
         self._metric, self._name = metric, name
 
     def __call__(self, estimator: Any, X: Any, y_true: Any) -> float:
-        return self._metric(y_true, _as_array(estimator.predict(X)))
+        return self._metric(y_true, as_numpy(estimator.predict(X)))
 
     def __repr__(self) -> str:
         return f"{self._name}_scorer"
@@ -793,7 +784,7 @@ class _ProbaScorer:
                 f"{self!r} needs a fitted classifier with classes_ (the label of each predict_proba "
                 f"column); {type(estimator).__name__} has none"
             )
-        return -self._metric(y_true, _as_array(estimator.predict_proba(X)), classes=classes)
+        return -self._metric(y_true, as_numpy(estimator.predict_proba(X)), classes=classes)
 
     def __repr__(self) -> str:
         return f"{self._name}_scorer"
@@ -817,7 +808,7 @@ class _SegmentationScorer:
                 f"{self!r} needs a fitted segmenter with classes_ (the label values of the masks); "
                 f"{type(estimator).__name__} has none"
             )
-        classes = _as_array(classes)
+        classes = as_numpy(classes)
         ignore = getattr(estimator, "ignore_index", None)
         if ignore is not None and ignore in set(classes.tolist()):
             raise ConfigError(

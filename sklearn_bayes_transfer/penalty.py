@@ -17,6 +17,7 @@ the passes was measured and removed (``docs/deviations.md`` #7).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ __all__ = ["PriorPenalty", "DEFAULT_CHUNK_SIZE"]
 DEFAULT_CHUNK_SIZE = 131_072
 # On accelerators the plain mat-vecs are bandwidth-bound already; big chunks only cut launches.
 _ACCELERATOR_CHUNK_SIZE = 1 << 22
+# Factorisations of the proximal step kept, one per set of steps (K x K each).
+_PROX_CACHE_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,7 @@ class PriorPenalty:
         self._setup()
         self._cache: dict[tuple, _Precomputed] = {}
         self._plans: dict[tuple, tuple[_Chunk, ...]] = {}
+        self._prox_cache: OrderedDict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = OrderedDict()
 
     # -- precomputation ----------------------------------------------------------------------
     def _setup(self) -> None:
@@ -198,8 +202,8 @@ class PriorPenalty:
         k = self.prior.rank
         # A = I_K + lambda * F diag(1/d) F^T, built chunk by chunk in float64.
         a = torch.eye(k, dtype=torch.float64)
-        for start in range(0, self.prior.n_params, DEFAULT_CHUNK_SIZE * 8):
-            stop = start + DEFAULT_CHUNK_SIZE * 8
+        for start in range(0, self.prior.n_params, DEFAULT_CHUNK_SIZE):
+            stop = start + DEFAULT_CHUNK_SIZE
             f = self.prior.factor[:, start:stop].to(torch.float64)
             a += self.scale * (f * self._inv_d64[start:stop]) @ f.T
         self._chol = torch.linalg.cholesky(a) if k else a
@@ -209,7 +213,7 @@ class PriorPenalty:
         """``W^T = L^{-1} sqrt(lambda) F diag(1/d)`` as a (K, D) tensor."""
         k, n = self.prior.rank, self.prior.n_params
         out = torch.empty(k, n, dtype=dtype, device=device)
-        step = DEFAULT_CHUNK_SIZE * 8
+        step = DEFAULT_CHUNK_SIZE
         for start in range(0, n if k else 0, step):
             stop = min(start + step, n)
             f = self.prior.factor[:, start:stop].to(torch.float64) * (math.sqrt(self.scale) * self._inv_d64[start:stop])
@@ -372,19 +376,61 @@ class PriorPenalty:
             v - m = (S^{-1} + P)^{-1} S^{-1} r = u + B^{-1} W (I - W^T B^{-1} W)^{-1} W^T u,
             u = r / (1 + s / d),   B^{-1} = s d / (d + s)
 
-        (Woodbury again; the K x K matrix is factorised in float64 once per set of steps). It is
-        two streamed passes over ``W``, like value plus gradient, and unlike an explicit gradient
-        step it is stable for every prior scale and step: a proximal map of a convex quadratic
-        never expands distances. The returned ``0.5 (v - m)^T P (v - m)`` comes from the same passes.
+        (Woodbury again; the K x K matrix is factorised in float64 once per set of steps and kept
+        for the latest 16 sets). It is two streamed passes over ``W``, like value plus gradient,
+        and unlike an explicit gradient step it is stable for every prior scale and step: a
+        proximal map of a convex quadratic never expands distances. The returned
+        ``0.5 (v - m)^T P (v - m)`` comes from the same passes.
         """
-        self._check(params)
+        steps = self._steps(params, step)
         pre = self._precomputed(params)
-        shrink, b_inv, chol, gram = self._prox_terms(pre, params, step)
+        chol, gram = self._prox_terms(pre, params, steps)
+        return self._update_(pre, params, steps, proximal=True, chol=chol, gram=gram)
+
+    @torch.no_grad()
+    def explicit_step_(self, params: Sequence[torch.Tensor], step: float | Sequence[float]) -> float:
+        """An explicit gradient step of the term, in place: ``w <- w - S P (w - m)``; returns its new value.
+
+        It agrees with :meth:`prox_` to first order in ``S P`` and costs the same two streamed
+        passes without the K x K factorisation a new step needs there, but it is stable only
+        while ``step * max_precision < 2``: keep ``step * max_precision`` small.
+        """
+        steps = self._steps(params, step)
+        return self._update_(self._precomputed(params), params, steps, proximal=False)
+
+    def _steps(self, params: Sequence[torch.Tensor], step: float | Sequence[float]) -> list[float]:
+        self._check(params)
+        if isinstance(step, torch.Tensor) and step.dim() == 0:
+            step = float(step)
+        steps = [float(step)] * len(params) if isinstance(step, (int, float)) else [float(s) for s in step]
+        if len(steps) != len(params) or any(not math.isfinite(s) or s < 0 for s in steps):
+            raise ConfigError(f"step must be a finite number >= 0, or one per parameter tensor, got {step!r}")
+        return steps
+
+    @staticmethod
+    def _chunk_step(chunk: _Chunk, steps: Sequence[float], scratch: torch.Tensor) -> float | torch.Tensor:
+        """The chunk's steps: one number when its pieces share it, else a vector in ``scratch``."""
+        values = {steps[piece.param] for piece in chunk.pieces}
+        if len(values) == 1:
+            return values.pop()
+        pos = 0
+        for piece in chunk.pieces:
+            m = piece.stop - piece.start
+            scratch[pos:pos + m].fill_(steps[piece.param])
+            pos += m
+        return scratch[:pos]
+
+    def _update_(self, pre: _Precomputed, params: Sequence[torch.Tensor], steps: Sequence[float], *,
+                 proximal: bool, chol: torch.Tensor | None = None, gram: torch.Tensor | None = None) -> float:
+        """``v - m = u + b * (W c)`` in two streamed passes, written into ``params``; the value at ``v``.
+
+        Proximal: ``u = r d / (d + s)``, ``c = (I - W^T B^{-1} W)^{-1} W^T u``, ``b = s d / (d + s)``.
+        Explicit: ``u = r - s r / d``, ``c = W^T r``, ``b = s`` (that is ``r - S P r``).
+        """
         plan = self._plan(params)
         k, dtype, device = self.prior.rank, pre.dtype, pre.device
         size = max(c.stop - c.start for c in plan)
-        scratch_w = torch.empty(size, dtype=dtype, device=device)
-        r = torch.empty(size, dtype=dtype, device=device)
+        scratch_w, r, tmp, scratch_s = (torch.empty(size, dtype=dtype, device=device) for _ in range(4))
         scratch_f = torch.empty(k, size, dtype=dtype, device=device) if pre.w_t.dtype != dtype and k else None
         if pre.rd.numel() != self.prior.n_params:
             pre.rd = torch.empty(self.prior.n_params, dtype=dtype, device=device)
@@ -393,21 +439,38 @@ class PriorPenalty:
         ts = torch.zeros(len(plan), k, dtype=dtype, device=device)
         for i, chunk in enumerate(plan):
             n = chunk.stop - chunk.start
+            s = self._chunk_step(chunk, steps, scratch_s)
+            inv_d = pre.inv_d[chunk.start:chunk.stop]
             rc = torch.sub(self._gather(chunk, flat, scratch_w), pre.mean[chunk.start:chunk.stop], out=r[:n])
-            u = torch.mul(rc, shrink[chunk.start:chunk.stop], out=pre.rd[chunk.start:chunk.stop])
+            u = pre.rd[chunk.start:chunk.stop]
+            if proximal:
+                torch.mul(rc, torch.mul(inv_d, s, out=tmp[:n]).add_(1).reciprocal_(), out=u)
+            else:
+                torch.sub(rc, torch.mul(rc, inv_d, out=tmp[:n]).mul_(s), out=u)
             if k:
-                torch.mv(self._factor_chunk(pre, chunk, scratch_f), u, out=ts[i])
+                torch.mv(self._factor_chunk(pre, chunk, scratch_f), u if proximal else rc, out=ts[i])
         t = ts.sum(0).to(torch.float64)
-        c = torch.cholesky_solve(t.unsqueeze(1), chol).squeeze(1) if k else t
+        c = torch.cholesky_solve(t.unsqueeze(1), chol).squeeze(1) if proximal and k else t
         c_dev = c.to(device=device, dtype=dtype)
         diag = torch.zeros(len(plan), dtype=dtype, device=device)
+        zs = torch.zeros(len(plan), k, dtype=dtype, device=device)
         for i, chunk in enumerate(plan):
             n = chunk.stop - chunk.start
+            inv_d = pre.inv_d[chunk.start:chunk.stop]
             rv = r[:n].copy_(pre.rd[chunk.start:chunk.stop])
             if k:
-                step_c = torch.mv(self._factor_chunk(pre, chunk, scratch_f).T, c_dev)
-                rv.addcmul_(step_c, b_inv[chunk.start:chunk.stop])
-            torch.dot(rv, rv * pre.inv_d[chunk.start:chunk.stop], out=diag[i])
+                s = self._chunk_step(chunk, steps, scratch_s)
+                factor = self._factor_chunk(pre, chunk, scratch_f)
+                step_c = torch.mv(factor.T, c_dev)
+                if proximal:  # b = s / (1 + s / d)
+                    rv.addcmul_(step_c, torch.mul(inv_d, s, out=tmp[:n]).add_(1).reciprocal_().mul_(s))
+                elif isinstance(s, float):
+                    rv.add_(step_c, alpha=s)
+                else:
+                    rv.addcmul_(step_c, s)
+                if not proximal:  # W^T (v - m) while the chunk of W is in cache
+                    torch.mv(factor, rv, out=zs[i])
+            torch.dot(rv, torch.mul(rv, inv_d, out=tmp[:n]), out=diag[i])
             new = rv.add_(pre.mean[chunk.start:chunk.stop])
             pos = 0
             for piece in chunk.pieces:
@@ -417,37 +480,46 @@ class PriorPenalty:
         for p, f in zip(params, flat):
             if not p.is_contiguous():  # reshape(-1) copied it (channels_last): write the result back
                 p.detach().copy_(f.view(p.shape))
-        z = t + gram @ c if k else t  # W^T (v - m), from K x K algebra instead of a third pass
-        return float(0.5 * (diag.sum().to(torch.float64) - z.dot(z)))
+        if not k:
+            return float(0.5 * diag.sum(dtype=torch.float64))
+        # W^T (v - m): from K x K algebra for the proximal step instead of a third pass.
+        z = t + gram @ c if proximal else zs.sum(0).to(torch.float64)
+        return float(0.5 * (diag.sum(dtype=torch.float64) - z.dot(z)))
 
-    def _prox_terms(self, pre: _Precomputed, params: Sequence[torch.Tensor], step: float | Sequence[float]):
-        if isinstance(step, torch.Tensor) and step.dim() == 0:
-            step = float(step)
-        steps = [float(step)] * len(params) if isinstance(step, (int, float)) else [float(s) for s in step]
-        if len(steps) != len(params) or any(not math.isfinite(s) or s < 0 for s in steps):
-            raise ConfigError(f"step must be a finite number >= 0, or one per parameter tensor, got {step!r}")
-        key = (pre.device, pre.dtype, tuple(steps))
-        cached = getattr(self, "_prox_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        s = torch.cat([torch.full((p.numel(),), v, dtype=torch.float64) for p, v in zip(params, steps)])
-        d = 1.0 / self._inv_d64
-        shrink64 = 1.0 / (1.0 + s * self._inv_d64)
-        b_inv64 = s * d / (d + s)
+    def _prox_terms(self, pre: _Precomputed, params: Sequence[torch.Tensor],
+                    steps: Sequence[float]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The Cholesky factor of ``I - W^T B^{-1} W`` and ``W^T B^{-1} W`` (float64, CPU) for these steps."""
         k = self.prior.rank
-        gram = torch.zeros(k, k, dtype=torch.float64)
+        if not k:
+            return None, None
+        key = (pre.device, pre.dtype, tuple(steps))
+        if key in self._prox_cache:
+            self._prox_cache.move_to_end(key)
+            return self._prox_cache[key]
+        plan = self._plan(params)
+        dtype, device = pre.dtype, pre.device
+        size = max(c.stop - c.start for c in plan)
+        scratch_s, b, rest = (torch.empty(size, dtype=dtype, device=device) for _ in range(3))
+        scratch_f = torch.empty(k, size, dtype=dtype, device=device) if pre.w_t.dtype != dtype else None
+        both = torch.zeros(2 * k, k, dtype=torch.float64, device=device)
+        for chunk in plan:
+            n = chunk.stop - chunk.start
+            s = self._chunk_step(chunk, steps, scratch_s)
+            inv_d = pre.inv_d[chunk.start:chunk.stop]
+            shrink = torch.mul(inv_d, s, out=b[:n]).add_(1).reciprocal_()   # d / (d + s)
+            torch.div(shrink, inv_d, out=rest[:n])                           # d^2 / (d + s)
+            shrink.mul_(s)                                                   # s d / (d + s)
+            w = self._factor_chunk(pre, chunk, scratch_f)
+            # Two small GEMMs in the compute dtype, summed in float64.
+            both += (torch.cat([w * b[:n], w * rest[:n]]) @ w.T).to(torch.float64)
+        both = both.cpu()
+        gram = both[:k]
         # I - gram, formed without cancellation: W^T diag(d) W = I - L^{-1} L^{-T}, so
         # I - W^T B^{-1} W = L^{-1} L^{-T} + W^T diag(d^2 / (d + s)) W, a sum of positive definite
         # terms. Subtracting gram from I directly loses all digits once step >> d (stiff priors).
         l_inv = torch.linalg.solve_triangular(self._chol, torch.eye(k, dtype=torch.float64), upper=False)
-        system = l_inv @ l_inv.T
-        rest64 = d * d / (d + s)
-        step_size = DEFAULT_CHUNK_SIZE * 8
-        for start in range(0, self.prior.n_params if k else 0, step_size):
-            w = pre.w_t[:, start:start + step_size].to("cpu", torch.float64)
-            gram += (w * b_inv64[start:start + step_size]) @ w.T
-            system += (w * rest64[start:start + step_size]) @ w.T
-        chol = torch.linalg.cholesky(system) if k else gram
-        terms = (shrink64.to(pre.device, pre.dtype), b_inv64.to(pre.device, pre.dtype), chol, gram)
-        self._prox_cache = (key, terms)
+        terms = (torch.linalg.cholesky(l_inv @ l_inv.T + both[k:]), gram)
+        self._prox_cache[key] = terms
+        if len(self._prox_cache) > _PROX_CACHE_SIZE:
+            self._prox_cache.popitem(last=False)
         return terms

@@ -10,7 +10,7 @@ to the task loss in :meth:`get_loss`, so the training loss is one negative log-p
 example. Both terms are logged in ``history`` beside ``task_loss``.
 
 The prior term is stiff (its curvature reaches ``1 / (N * min(d))``), so by default, with plain
-SGD, it is applied as an exact proximal step after each optimizer step instead of through the
+SGD, it is applied as an exact proximal step after the optimizer steps instead of through the
 gradient. That forward-backward splitting is stable for every ``prior_scale``; see
 ``docs/deviations.md``.
 
@@ -36,7 +36,15 @@ from skorch.dataset import ValidSplit, unpack_data
 from torch import nn
 
 from ._device import resolve_device, seeded
-from ._validation import Integral, Interval, Options, Real, check_choice, check_params
+from ._validation import (
+    Integral,
+    Interval,
+    Options,
+    Real,
+    as_numpy,
+    check_choice,
+    check_params,
+)
 from .augment import Augment, check_augment
 from .backbones import BackboneWithHead, backbone_from_meta
 from .bayes import BayesianInferenceMixin
@@ -61,7 +69,14 @@ from .recipe import (
 )
 from .sampling import Inference
 
-__all__ = ["PriorRegularizedMixin", "PriorUpdate"]
+__all__ = ["LAZY_PRIOR_STEP", "PROX_STEP_RATIO", "PriorRegularizedMixin", "PriorUpdate"]
+
+#: Steps of the proximal prior update are rounded down to a power of this ratio, so that its K x K
+#: factorisation is reused across the steps of a learning rate schedule.
+PROX_STEP_RATIO = 1.1
+#: With ``inference="map"`` the prior's update waits while its summed step times ``max(1/d)`` (the
+#: largest relative move it makes) is at most this; it is then applied in one proximal step.
+LAZY_PRIOR_STEP = 0.05
 
 
 class PriorUpdate(str, Enum):
@@ -71,7 +86,8 @@ class PriorUpdate(str, Enum):
       ``"gradient"`` otherwise (adaptive optimizers bound their own step sizes);
     - ``"proximal"``: the optimizer steps on the task loss (and head term); after every step the
       prior term is applied as an exact proximal step with step size ``lr / N`` (see
-      :meth:`~sklearn_bayes_transfer.penalty.PriorPenalty.prox_`). Stable for every
+      :meth:`~sklearn_bayes_transfer.penalty.PriorPenalty.prox_`; a prior loose for the step is
+      applied every few steps with their summed step, docs/deviations.md #8). Stable for every
       ``prior_scale``, with or without momentum, since momentum only carries the task gradient.
     - ``"gradient"``: the whole prior term through the gradient, as the paper's code does. With
       SGD it diverges once ``lr / (N min(d)) > 2``.
@@ -264,6 +280,7 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
             X, y = self._prepare_Xy(X, y)
         # Planned before skorch notifies on_train_begin: the callbacks read the plan there.
         self.training_plan_ = self._plan_training(X, y, fit_params)
+        self._prior_value_cache_ = self._pending_prior_steps_ = None
         return super().partial_fit(X, y, classes=classes, **fit_params)
 
     def _plan_training(self, X: Any, y: Any, fit_params: dict[str, Any]) -> TrainingPlan:
@@ -349,7 +366,7 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         split = self.train_split
         if not isinstance(split, ValidSplit) or not split.stratified or y is None:
             return
-        labels, counts = np.unique(_as_numpy(y).reshape(len(y), -1)[:, 0], return_counts=True)
+        labels, counts = np.unique(as_numpy(y).reshape(len(y), -1)[:, 0], return_counts=True)
         cv = split.cv
         needed = 2 if isinstance(cv, float) else int(cv)
         if counts.min() < needed:
@@ -421,27 +438,76 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
             self._proximal_step()
         return step
 
+    def run_single_epoch(self, iterator, training, prefix, step_fn, **fit_params):
+        """skorch's epoch; a training epoch ends with the prior's deferred steps applied."""
+        super().run_single_epoch(iterator, training, prefix, step_fn, **fit_params)
+        if training and iterator is not None:
+            self._flush_prior_steps()
+
     @torch.no_grad()
     def _proximal_step(self) -> None:
+        """The prior's update after an optimizer step of rate ``lr``: step ``lr / N`` (see :class:`PriorUpdate`).
+
+        The steps are summed into a pending step, applied as an exact proximal step whose size is
+        rounded down to a power of :data:`PROX_STEP_RATIO` (the rest stays pending), so that its
+        K x K factorisation is reused across a learning rate schedule. With ``inference="map"``
+        the pending step is deferred while ``step * max(1/d) <= LAZY_PRIOR_STEP`` (a prior that
+        is loose for the step moves the weights by at most that fraction per update), and the end
+        of every training epoch applies what is pending. SGLD, whose noise is shaped for each
+        step's proximal map, takes every step exactly.
+        """
+        steps = self._current_prior_steps()
+        inference = check_choice(Inference, self.inference, "inference")
+        if inference is Inference.SGLD:
+            self._apply_prior_steps(steps, exact=True)
+            return
+        pending = self._pending_prior_steps_ or [0.0] * len(steps)
+        pending = [a + b for a, b in zip(pending, steps)]
+        if inference is Inference.MAP and max(pending, default=0.0) * self.penalty_.max_precision <= LAZY_PRIOR_STEP:
+            self._pending_prior_steps_ = pending
+            return
+        taken = [_round_down(s, PROX_STEP_RATIO) for s in pending]
+        self._pending_prior_steps_ = [a - b for a, b in zip(pending, taken)]
+        self._apply_prior_steps(taken, exact=True)
+
+    def _current_prior_steps(self) -> list[float]:
         n = max(int(getattr(self, "n_train_", 1)), 1)
         lr_of = {}
         for group in self.optimizer_.param_groups:
             for p in group["params"]:
                 lr_of[id(p)] = float(group["lr"])
-        steps = [lr_of.get(id(p), 0.0) / n for p in self.prior_params_]
-        value = self.penalty_.prox_(self.prior_params_, steps)
+        return [lr_of.get(id(p), 0.0) / n for p in self.prior_params_]
+
+    @torch.no_grad()
+    def _flush_prior_steps(self) -> None:
+        """Apply the pending prior step: explicitly where that is accurate, else exactly."""
+        pending = getattr(self, "_pending_prior_steps_", None)
+        self._pending_prior_steps_ = None
+        if self.penalty_ is None or not pending or not any(pending):
+            return
+        self._apply_prior_steps(pending, exact=max(pending) * self.penalty_.max_precision > LAZY_PRIOR_STEP)
+
+    def _apply_prior_steps(self, steps: list[float], *, exact: bool) -> None:
+        update = self.penalty_.prox_ if exact else self.penalty_.explicit_step_
+        value = update(self.prior_params_, steps)
         self._prior_value_cache_ = (self._param_versions(), value)
 
     def _param_versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.prior_params_)
 
     def _current_prior_value(self) -> float:
-        """The prior term at the current weights: the proximal step's, unless they changed since."""
+        """The prior term for the log: its value after the latest prior update of this fit.
+
+        That is the value at the current weights, except with ``inference="map"`` while the update
+        is deferred (then it is the value at the latest update, at most a few steps old); a fit's
+        first step computes it.
+        """
         cached = getattr(self, "_prior_value_cache_", None)
-        if cached is not None and cached[0] == self._param_versions():
-            return cached[1]
-        with torch.no_grad():
-            return float(self.penalty_(self.prior_params_))
+        if cached is None or (cached[0] != self._param_versions() and self.inference != Inference.MAP):
+            with torch.no_grad():
+                value = float(self.penalty_(self.prior_params_))
+            self._prior_value_cache_ = (self._param_versions(), value)
+        return self._prior_value_cache_[1]
 
     @property
     def _default_callbacks(self):
@@ -503,6 +569,20 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
 
 
 # -- helpers --------------------------------------------------------------------------------------
+def _round_down(step: float, ratio: float) -> float:
+    """``step`` rounded down to a power of ``ratio`` (0 stays 0; a ratio of 1 leaves it as it is).
+
+    Examples
+    --------
+    >>> _round_down(1.0, 1.1), round(_round_down(0.05, 1.1), 5)
+    (1.0, 0.04736)
+    """
+    if step <= 0 or ratio <= 1:
+        return max(step, 0.0)
+    power = math.floor(math.log(step) / math.log(ratio) + 1e-9)
+    return float(ratio ** power)
+
+
 def _factor_dtype(value: Any) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
@@ -530,12 +610,6 @@ def _load_prior_state(backbone: nn.Module, prior: Prior) -> None:
 
 def _is_array_like(X: Any) -> bool:
     return isinstance(X, (np.ndarray, torch.Tensor, list, tuple))
-
-
-def _as_numpy(y: Any) -> np.ndarray:
-    if isinstance(y, torch.Tensor):
-        return y.detach().cpu().numpy()
-    return np.asarray(y)
 
 
 def _reshape_rows(X: Any, preprocess: Preprocess | None) -> Any:

@@ -24,7 +24,7 @@ from skorch.callbacks import Callback
 from skorch.dataset import ValidSplit, unpack_data
 from torch import nn
 
-from ._validation import Integral, Interval, Options
+from ._validation import Integral, Interval, Options, as_numpy
 from .augment import augment_batch
 from .data import JointTransform, as_image_tensor, as_mask_tensor, resize_masks
 from .exceptions import ConfigError, DataError
@@ -44,7 +44,7 @@ from .recipe import (
     DEFAULT_WARMUP,
     TrainLoader,
 )
-from .regularized import PriorRegularizedMixin, _as_numpy
+from .regularized import PriorRegularizedMixin
 
 __all__ = [
     "EpochMeanIoU",
@@ -518,10 +518,10 @@ def _pairs_from_dataset(X: Any, y: Any, *, images_only: bool = False) -> tuple[A
     items = [X[i] for i in range(len(X))]
     pairs = all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items)
     if images_only:
-        return [_as_numpy(item[0] if pairs else item) for item in items], None
+        return [as_numpy(item[0] if pairs else item) for item in items], None
     if y is not None or not pairs:
         raise DataError("pass a Dataset of (image, mask) pairs with y=None, or arrays X and y")
-    return [_as_numpy(image) for image, _ in items], [_as_numpy(mask) for _, mask in items]
+    return [as_numpy(image) for image, _ in items], [as_numpy(mask) for _, mask in items]
 
 
 def _image_size(X: Any) -> tuple[int, int]:
@@ -568,7 +568,7 @@ def _checked_masks(X: Any, y: Any) -> torch.Tensor:
                             f"{first_hw[0]}x{first_hw[1]} but X[{i}] is {image_hw[0]}x{image_hw[1]}; resize them "
                             "first (e.g. load_segmentation_folder(..., image_size=...))")
     if per_item:
-        y = np.stack([_as_numpy(m).reshape(_mask_hw(np.shape(m), "mask")) for m in y])
+        y = np.stack([as_numpy(m).reshape(_mask_hw(np.shape(m), "mask")) for m in y])
     elif len(y_shape) == 4 and y_shape[3] == 1 and y_shape[1] != 1:
         y = y[..., 0]
     return as_mask_tensor(y)

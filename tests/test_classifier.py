@@ -39,6 +39,7 @@ from sklearn_bayes_transfer import (
     PriorFormatError,
     PriorMismatchError,
     TrainingDivergedError,
+    regularized,
 )
 from sklearn_bayes_transfer.backbones import get_backbone
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
@@ -422,6 +423,81 @@ def test_stiff_prior_with_gradient_update_stops_with_advice(digits):
     # The same settings with the proximal update train to finite weights.
     clf = PriorRegularizedClassifier(prior, prior_update="proximal", **kwargs).fit(X, y)
     assert all(torch.isfinite(p).all() for p in clf.module_.parameters())
+
+
+class RecordPriorUpdates(Callback):
+    """Logs each call of the penalty's two updates as ``(kind, steps)`` in ``calls``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[float]]] = []
+
+    def on_train_begin(self, net, **kwargs) -> None:
+        for kind in ("prox_", "explicit_step_"):
+            method = getattr(net.penalty_, kind)
+
+            def logged(params, steps, _method=method, _kind=kind):
+                self.calls.append((_kind, list(steps)))
+                return _method(params, steps)
+
+            setattr(net.penalty_, kind, logged)
+
+
+@pytest.mark.parametrize(("variance", "inference"), [(1.0, "map"), (1e-6, "map"), (1e-6, "swag"), (1.0, "sgld")])
+def test_prior_updates_add_up_to_the_learning_rate_steps(digits, variance, inference):
+    X, y = _subset(digits, 64)
+    lr, batch_size, epochs = 0.1, 16, 2
+    extra = {"map": {}, "swag": dict(n_samples=2, sample_start=0.0),
+             "sgld": dict(n_samples=1, sgld_cycles=1)}[inference]  # SGLD samples in the second epoch
+    clf = PriorRegularizedClassifier(
+        _cnn_prior(variance=variance, rank=2), prior_scale=1.0, inference=inference, lr=lr,
+        lr_schedule="constant", batch_size=batch_size, max_epochs=epochs, train_split=None, verbose=0,
+        random_state=0, **extra,
+    )
+    recorder = RecordPriorUpdates()
+    clf.set_params(callbacks=[recorder]).fit(X, y)
+    calls = recorder.calls
+    step = lr / len(X)  # lr / N per optimizer step
+    n_steps = epochs * len(X) // batch_size
+    totals = np.sum([steps for _, steps in calls], axis=0)
+    if inference == "map":  # (the sampling phases set their own learning rates)
+        assert totals == pytest.approx([n_steps * step] * len(totals), rel=1e-9)  # nothing lost, nothing added
+    kinds = [kind for kind, _ in calls]
+    if variance == 1.0 and inference == "map":
+        # A loose prior (step * max(1/d) ~ 0.002): deferred, applied once at the end of each epoch.
+        assert kinds == ["explicit_step_"] * epochs
+    elif inference == "sgld":
+        assert kinds == ["prox_"] * n_steps  # each step exactly, nothing left for the ends of epochs
+        assert all(max(steps) == pytest.approx(step) for _, steps in calls[:len(X) // batch_size])
+    else:
+        # A stiff prior: a proximal step every batch, rounded down to a power of 1.1, the rest carried
+        # over and applied at the end of each epoch.
+        assert set(kinds) == {"prox_"} and n_steps <= len(kinds) <= n_steps + epochs
+        powers = [math.log(max(steps)) / math.log(1.1) for _, steps in calls]
+        assert sum(p == pytest.approx(round(p), abs=1e-6) for p in powers) >= n_steps
+        assert all(step / 1.1 < max(steps) <= step for _, steps in calls[:len(X) // batch_size])
+
+
+def test_deferred_prior_updates_match_the_prior_gradient(digits, monkeypatch):
+    # With plain SGD the gradient update takes the prior's gradient every step. The default proximal
+    # update, deferred over a few steps for a loose prior (step * max(1/d) = 0.026 here), must pull
+    # the weights as far, and as closely as a proximal step every batch does.
+    X, y = _subset(digits, 64)
+    prior = _cnn_prior(variance=0.03, rank=2)
+    common = dict(prior_scale=1.0, lr=0.05, optimizer__momentum=0.0, lr_schedule="constant", batch_size=16,
+                  max_epochs=20, augment="none", train_split=None, verbose=0, random_state=0)
+
+    def final(**params):
+        clf = PriorRegularizedClassifier(prior, **common, **params).fit(X, y)
+        return _flat(_backbone_params(clf, prior))
+
+    none, gradient, deferred = final(prior_structure="none"), final(prior_update="gradient"), final()
+    monkeypatch.setattr(regularized, "LAZY_PRIOR_STEP", 0.0)
+    every_step = final()
+    pull = float((gradient - none).norm())
+    assert pull > 0.1 * float((none - prior.mean.double()).norm())  # the prior matters here
+    gap = float((deferred - gradient).norm())
+    assert gap < 0.1 * pull
+    assert gap < 1.5 * float((every_step - gradient).norm())
 
 
 # -- bad input ------------------------------------------------------------------------------------

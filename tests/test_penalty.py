@@ -13,6 +13,7 @@ import torch
 from conftest import (
     assert_grad_close,
     flat_grad,
+    make_mlp,
     point_near,
     ref_penalty_and_grad,
     reference,
@@ -347,6 +348,41 @@ def test_prox_stiff_lowrank_prior(random_prior):
         r_size = float((w.double() - dist.loc).abs().max())
         # float32 weights: the exact answer itself rounds at ~5e-8 of |r|.
         torch.testing.assert_close(v, expected, rtol=0, atol=1e-6 * r_size)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_explicit_step_is_a_gradient_step(random_prior, mlp, structure):
+    prior = random_prior(ODD_SHAPES, rank=3, seed=28)
+    w = point_near(prior, seed=29)
+    params = load_into(mlp, prior, w)
+    steps = [0.5, 0.0, 2.0, 1e-3, 0.1, 7.0]
+    per_element = torch.cat([torch.full((math.prod(s),), v) for s, v in zip(prior.shapes, steps)])
+    dist = reference(prior, structure, 10.0, 1e-4)
+    penalty = PriorPenalty(prior, scale=10.0, eps=1e-4, structure=structure, chunk_size=7)
+    value = penalty.explicit_step_(params, steps)
+    v = torch.cat([p.detach().reshape(-1) for p in params]).double()
+    expected = w.double() - per_element.double() * ref_penalty_and_grad(dist, w)[1]
+    torch.testing.assert_close(v, expected, rtol=1e-5, atol=1e-6)
+    assert value == pytest.approx(half_maha(dist, v), rel=1e-4)  # the value at the new weights
+    assert all(p.grad is None for p in params)  # the step leaves no gradients behind
+
+
+def test_explicit_step_agrees_with_prox_to_first_order(random_prior, mlp):
+    # prox(w) = w - S P (w - m) + O((S P)^2): halving the step quarters the gap.
+    prior = random_prior(ODD_SHAPES, rank=3, seed=30)
+    w = point_near(prior, seed=31)
+    penalty = PriorPenalty(prior, scale=10.0, chunk_size=7)
+    s_max = 1.0 / penalty.max_precision
+    gaps = []
+    for step in (0.02 * s_max, 0.01 * s_max):
+        explicit, proximal = load_into(make_mlp(), prior, w), load_into(mlp, prior, w)
+        penalty.explicit_step_(explicit, step)
+        penalty.prox_(proximal, step)
+        moved = torch.cat([p.detach().reshape(-1) for p in proximal]) - w
+        gap = torch.cat([(a - b).detach().reshape(-1) for a, b in zip(explicit, proximal)])
+        gaps.append(float(gap.double().norm() / moved.double().norm()))
+    assert gaps[0] < 0.05
+    assert gaps[1] == pytest.approx(gaps[0] / 2, rel=0.2)  # relative gap O(S P): linear in the step
 
 
 @pytest.mark.parametrize("step", [-1.0, float("nan"), float("inf"), [1.0, 2.0]])
