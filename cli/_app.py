@@ -7,6 +7,7 @@ call the library, print, exit. Library errors become one-line messages and exit 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -16,6 +17,7 @@ from rich.markup import escape
 
 from sklearn_bayes_transfer import __version__
 from sklearn_bayes_transfer._device import resolve_device as _resolve_device
+from sklearn_bayes_transfer._io import check_output_path
 from sklearn_bayes_transfer.exceptions import BayesTransferError, OutputExistsError
 
 __all__ = ["app", "console", "err_console", "handle_errors", "fail", "resolve_device", "check_output"]
@@ -51,21 +53,20 @@ def handle_errors(fn: F) -> F:
                 NotADirectoryError, PermissionError) as exc:
             fail(str(exc))
         except KeyboardInterrupt:
-            fail("interrupted; no output was written", code=130)
+            fail("interrupted; nothing written", code=130)
 
     return wrapper  # type: ignore[return-value]
 
 
-def check_output(out: Path | None, force: bool) -> None:
-    """Refuse an output file before any work: it exists (without ``--force``) or cannot be written there."""
+def check_output(out: Path | None, force: bool, *, inputs: tuple[Path | None, ...] = ()) -> None:
+    """Refuse an output file before any work: it exists (without ``--force``), is not a regular
+    file, cannot be written there, or is one of the command's ``inputs``."""
     if out is None:
         return
-    if out.exists() and not force:
-        raise OutputExistsError(f"output file '{out}' already exists; pass --force to replace it")
-    if out.is_dir():
-        raise IsADirectoryError(f"output '{out}' is a directory; give a file name")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"cannot write '{out}': directory '{out.parent}' does not exist")
+    check_output_path(out, overwrite=force)
+    for source in inputs:
+        if source is not None and out.exists() and source.exists() and os.path.samefile(out, source):
+            raise OutputExistsError(f"output '{out}' is the input file '{source}'; write to another file")
 
 
 def resolve_device(device: str) -> str:

@@ -97,14 +97,15 @@ def check_options(**values: Any) -> None:
 
 
 def parse_prior_scale(text: str, option: str = "--prior-scale") -> float | str:
-    """``"auto"`` or a finite number > 0, from the command line."""
-    if text.strip().lower() == "auto":
-        return "auto"
+    """``"auto"``, ``"evidence"`` or a finite number > 0, from the command line."""
+    if text.strip().lower() in ("auto", "evidence"):
+        return text.strip().lower()
     try:
         value = float(text)
     except ValueError:
-        raise ConfigError(f"{option}: {text.strip()!r} is neither a number nor 'auto' (lambda_0 * "
-                          f"10**{AUTO_SCALE_DECADES}, lambda_0 being the prior's reference scale)") from None
+        raise ConfigError(f"{option}: {text.strip()!r} is neither a number, 'auto' (lambda_0 * "
+                          f"10**{AUTO_SCALE_DECADES}, lambda_0 being the prior's reference scale) nor 'evidence' "
+                          "(chosen during the fit by the Laplace evidence)") from None
     check_options(prior_scale=value)
     return value
 

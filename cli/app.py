@@ -18,5 +18,7 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
-    """Run the ``bt-transfer`` command line."""
-    app()
+    """Run the ``bt-transfer`` command line (the console script is :func:`._entry.main`)."""
+    from ._entry import main as entry
+
+    entry()

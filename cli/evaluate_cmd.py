@@ -191,7 +191,7 @@ def evaluate(
                           f"{type(estimator).__name__}, which takes the labels from the subfolder names of --data: "
                           "drop --masks")
     bins = DEFAULT_BINS if bins is None else bins
-    check_output(diagram, force)
+    check_output(diagram, force, inputs=(model,))
     folder = ImageFolder(data, labeled=True)
     classes = np.asarray(estimator.classes_)
     y = _true_class_indices(folder.classes, folder.targets, classes, data)

@@ -89,7 +89,8 @@ def _load_data(task: Task, data: Path, masks: Path | None, size: int | tuple[int
                channels: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Images and their targets: class names (classification) or masks of class ids (segmentation)."""
     if task is Task.SEGMENTATION:
-        return load_segmentation_folder(data, masks, image_size=size, channels=channels)
+        # predict writes masks as 8-bit PNGs: class ids beyond 255 are refused now, not after training.
+        return load_segmentation_folder(data, masks, image_size=size, channels=channels, max_id=255)
     return load_image_folder(data, image_size=size, channels=channels)
 
 
@@ -157,6 +158,8 @@ def _summary(estimator: PriorRegularizedClassifier | PriorRegularizedSegmenter, 
     plan = estimator.training_plan_
     scale = estimator.prior_scale_
     prior = "no prior" if scale is None else f"prior scale {scale:.3g}"
+    if scale is not None and getattr(estimator, "evidence_trace_", None):
+        prior += f" (by evidence, log evidence {estimator.evidence_trace_[-1]['log_evidence']:.1f})"
     text = (f"wrote {out}: {len(estimator.classes_)} classes ({classes}), {n_images} images, {len(estimator.history)} "
             f"epochs ({len(estimator.history) * plan.steps_per_epoch} steps), {prior}; last epoch: train loss "
             f"{last['task_loss']:.4g} + prior term {last['prior_nll']:.4g}, train {name} {last[f'train_{key}']:.3f}")
@@ -185,8 +188,9 @@ def finetune(
         help="(segmentation) The new head: fcn (default), or deeplabv3 with atrous spatial pyramid pooling.",
         show_default=False)] = None,
     prior_scale: Annotated[str, typer.Option(
-        help="lambda > 0 scaling the prior covariance, or auto: lambda_0 * 1e3, lambda_0 being the prior's reference "
-             "scale (see `inspect`). 1 is the posterior as learned, which pins the backbone; `tune` searches "
+        help="lambda > 0 scaling the prior covariance; auto: lambda_0 * 1e3, lambda_0 being the prior's reference "
+             "scale (see `inspect`); evidence: re-estimated during the fit by maximising the Laplace evidence of "
+             "the training data. 1 is the posterior as learned, which pins the backbone; `tune` searches "
              "it.")] = "auto",
     prior_eps: Annotated[float, typer.Option(help="Jitter >= 0 added to the prior covariance's diagonal.")] = 0.0,
     prior_structure: Annotated[PriorStructure, typer.Option(
@@ -206,9 +210,10 @@ def finetune(
     inference: Annotated[Inference, typer.Option(
         help="map: predict with the fitted weights; swag / sgld: average predictions over posterior samples "
              "collected over the second half of training (SWAG, or Langevin dynamics with --optimizer sgd "
-             "and no momentum).")] = Inference.MAP,
+             "and no momentum); laplace: over draws from the Laplace posterior at the fitted weights "
+             "(see docs/evidence.md for its limits).")] = Inference.MAP,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Posterior samples to average with "
-                                         "--inference swag or sgld.")] = 20,
+                                         "--inference swag, sgld or laplace.")] = 20,
     valid_fraction: Annotated[float, typer.Option(
         help="Hold out this fraction (stratified by class for classification) to report validation metrics; "
              "0 trains on all images.")] = 0.0,
@@ -230,7 +235,7 @@ def finetune(
                               optimizer=optimizer, momentum=momentum, lr_schedule=lr_schedule, warmup=warmup,
                               augment=augment, batchnorm=batchnorm, inference=inference)
     _check_task_options(task, masks, ignore_index, head)
-    check_output(out, force)  # before training, not after minutes of it
+    check_output(out, force, inputs=(prior,))  # before training, not after minutes of it
     size = parse_image_size(image_size)
     device = resolve_device(device)
     prior_obj = Prior.load(prior)

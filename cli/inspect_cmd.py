@@ -1,4 +1,4 @@
-"""``bt-transfer inspect``: what a prior file holds, without loading it into memory."""
+"""``bt-transfer inspect``: what a prior file or a model file holds, without loading it into memory."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from sklearn_bayes_transfer._io import safe_torch_load
+from sklearn_bayes_transfer.modelfile import MODEL_FORMAT_NAME, model_summary
 from sklearn_bayes_transfer.prior import Prior
 
 from ._app import app, console, handle_errors
@@ -50,13 +52,23 @@ def _finite_or_none(value: Any) -> Any:
 @app.command("inspect")
 @handle_errors
 def inspect(
-    prior_path: Annotated[Path, typer.Argument(metavar="PRIOR", help="Prior file written by fit-prior, "
-                                               "convert-official or Prior.save.")],
+    prior_path: Annotated[Path, typer.Argument(metavar="FILE", help="Prior file written by fit-prior, "
+                                               "convert-official or Prior.save, or a model file written by "
+                                               "finetune.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Check a prior's content against the digest stored when "
+                                         "it was saved (reads the whole file).")] = False,
 ) -> None:
-    """Show a prior's backbone, size, variance statistics and reference scale lambda_0."""
-    prior = Prior.load(prior_path)
+    """Show a prior's backbone, size, variance statistics and reference scale lambda_0, or a model's
+    estimator, prior scale (with the evidence trace of --prior-scale evidence) and posterior samples."""
+    payload = safe_torch_load(prior_path, what="prior file", mmap=True)
+    if isinstance(payload, dict) and payload.get("format") == MODEL_FORMAT_NAME:
+        _print_model(model_summary(prior_path), as_json)
+        return
+    prior = Prior.from_dict(payload, source=str(prior_path), verify=verify)
     info = _prior_summary(prior, prior_path)
+    info["digest"] = ("none stored (an older file)" if not isinstance(payload, dict) or "digest" not in payload
+                      else "verified" if verify else "not checked (--verify checks it)")
     if as_json:
         # A prior whose variances are all 0 has lambda_0 = inf: printed as null, so the output parses.
         typer.echo(json.dumps(_finite_or_none(info), indent=2, default=str, allow_nan=False))
@@ -72,6 +84,7 @@ def inspect(
         ("factor dtype", info["factor_dtype"]),
         ("size on disk", f"{info['size_bytes'] / 2**20:.2f} MiB"),
         ("buffers", str(info["n_buffers"])),
+        ("content digest", info["digest"]),
     ]
     if var:
         clamp_note = "" if var["clamp_known"] else " (at the minimum; var_clamp not recorded)"
@@ -84,6 +97,41 @@ def inspect(
     for key in ("method", "source_task", "n_snapshots", "preprocess", "created", "library_version", "import"):
         if key in meta:
             rows.append((key, json.dumps(meta[key]) if isinstance(meta[key], (dict, list)) else str(meta[key])))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+def _print_model(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(_finite_or_none(info), indent=2, default=str, allow_nan=False))
+        return
+    hyper, fitted = info["hyperparameters"], info["fitted"]
+    backbone = info["backbone"] or {}
+    table = Table(title=f"model {info['file']}", show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    classes = info["classes"]
+    rows = [
+        ("estimator", info["estimator"]),
+        ("backbone", f"{backbone.get('backbone')} {backbone.get('backbone_kwargs') or ''}".strip()),
+        ("parameters", f"{info['n_params']:,}"),
+        ("classes", "-" if classes is None else f"{len(classes)}: {', '.join(map(str, classes[:10]))}"
+                                                + (" ..." if len(classes) > 10 else "")),
+        ("training examples N", str(fitted.get("n_train", "-"))),
+        ("prior structure", str(hyper.get("prior_structure", "-"))),
+    ]
+    scale = fitted.get("prior_scale")
+    rows.append(("prior scale", "-" if scale is None else f"{scale:.4g}  (prior_scale={hyper.get('prior_scale')!r})"))
+    for entry in fitted.get("evidence_trace") or []:
+        rows.append((f"  evidence at step {entry['step']}",
+                     f"prior scale {entry['prior_scale']:.4g}, log evidence {entry['log_evidence']:.2f}"))
+    rows.append(("inference", f"{hyper.get('inference', 'map')}"
+                 + (f", {info['n_samples']} posterior samples" if info["n_samples"] else "")))
+    meta = info["meta"] or {}
+    for key in ("created", "library_version"):
+        if key in meta:
+            rows.append((key, str(meta[key])))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)

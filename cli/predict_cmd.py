@@ -17,7 +17,7 @@ from sklearn_bayes_transfer._io import atomic_write
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
 from sklearn_bayes_transfer.data import save_mask
 from sklearn_bayes_transfer.exceptions import ConfigError, DataError, OutputExistsError
-from sklearn_bayes_transfer.modelfile import load_model
+from sklearn_bayes_transfer.modelfile import ModelFileError, load_model
 from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter
 
 from ._app import app, check_output, console, handle_errors, resolve_device
@@ -169,9 +169,13 @@ def predict(
         raise ConfigError(f"--out-dir writes the masks of a segmentation model, but model file '{model}' holds a "
                           f"{type(estimator).__name__}, which predicts one label per image; use --out FILE for a "
                           "CSV of labels (or leave it out to print them)")
-    check_output(out, force)
+    check_output(out, force, inputs=(model,))
     paths = _collect_images(images)
     probabilities = estimator.predict_proba(image_dataset(paths, estimator))
+    if not np.isfinite(probabilities).all():
+        row = int(np.flatnonzero(~np.isfinite(probabilities).all(axis=1))[0])
+        raise ModelFileError(f"model file '{model}' gives non-finite probabilities (first for '{paths[row]}'); its "
+                             "weights cannot be used, nothing was written")
     classes = np.asarray(estimator.classes_)
     labels = classes[probabilities.argmax(axis=1)]
     text = _csv(paths, labels, probabilities if proba else None, classes)

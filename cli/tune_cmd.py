@@ -1,16 +1,19 @@
 """``bt-transfer tune``: cross-validated search over the prior scale (and standard fine-tuning),
-beside logistic regression on the pixels."""
+beside logistic regression on the pixels; or the scale chosen by the Laplace evidence in one fit."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
 import typer
 from rich.table import Table
+from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score
 
@@ -47,6 +50,19 @@ from ._options import (
 )
 
 __all__ = ["tune"]
+
+
+class TuneMethod(str, Enum):
+    """How ``tune`` chooses the prior scale.
+
+    - ``"cv"``: a cross-validated grid of scales (and structures, and standard fine-tuning);
+    - ``"evidence"``: one fit per structure on all images with ``prior_scale="evidence"``, the
+      structure of largest log evidence chosen.
+    """
+
+    CV = "cv"
+    EVIDENCE = "evidence"
+
 
 #: The row of the pixel baseline in the result table.
 PIXEL_BASELINE = "logistic regression (pixels)"
@@ -98,9 +114,14 @@ def _pixel_baseline(X: np.ndarray, y: np.ndarray, folds: StratifiedKFold, scorin
 def tune(
     prior: Annotated[Path, typer.Option("--prior", help="Prior file.")],
     data: Annotated[Path, typer.Option("--data", help="Image folder with one subfolder per class.")],
+    method: Annotated[TuneMethod, typer.Option(
+        help="cv: cross-validated grid of prior scales; evidence: one fit per structure, the scale re-estimated "
+             "during it by maximising the Laplace evidence (no grid, no folds; --standard does not apply).")
+    ] = TuneMethod.CV,
     prior_scale: Annotated[Optional[str], typer.Option(
         help="Comma-separated scales to try, e.g. 1e-2,1,1e2 (default: lambda_0 * 10**k for k in "
-             f"{list(DEFAULT_DECADES)}, lambda_0 being the prior's reference scale).")] = None,
+             f"{list(DEFAULT_DECADES)}, lambda_0 being the prior's reference scale). With --method evidence: "
+             "the lowest and highest bound the search (default lambda_0 * 10**-3 to 10**9).")] = None,
     structures: Annotated[str, typer.Option(
         help="Comma-separated prior structures searched with every scale (lowrank, diag, isotropic).")] = "lowrank",
     standard: Annotated[bool, typer.Option(
@@ -138,12 +159,21 @@ def tune(
                               optimizer=optimizer, momentum=momentum, lr_schedule=lr_schedule, warmup=warmup,
                               augment=augment, batchnorm=batchnorm)
     if out is not None:
-        check_output(out, force)
+        check_output(out, force, inputs=(prior,))
+    if method is TuneMethod.EVIDENCE and scales is not None and len(scales) < 2:
+        raise ConfigError("--prior-scale with --method evidence gives the bounds of the search: at least two values, "
+                          "e.g. 1e-2,1e8")
     device = resolve_device(device)
     prior_obj = Prior.load(prior)
     grid = default_param_grid(prior_obj, scales=scales, structures=wanted, include_none=standard)
     preprocess, load_size, channels = load_geometry(prior_obj, parse_image_size(image_size))
     X, y = load_image_folder(data, image_size=load_size, channels=channels)
+    if method is TuneMethod.EVIDENCE:
+        estimator = PriorRegularizedClassifier(prior_obj, preprocess=preprocess, device=device, verbose=0,
+                                               random_state=random_state, **recipe)
+        bounds = (min(scales), max(scales)) if scales else None
+        _tune_by_evidence(estimator, wanted, bounds, X, y, out=out, force=force, as_json=as_json, quiet=quiet)
+        return
     labels, counts = np.unique(y, return_counts=True)
     if counts.min() < cv:
         raise ConfigError(f"--cv {cv} needs at least {cv} images of every class, but class {str(labels[counts.argmin()])!r} "
@@ -188,3 +218,41 @@ def tune(
         save_model(search.best_estimator_, out, overwrite=force)
         if not as_json:
             console.print(f"wrote {out} (best candidate refitted on all {len(y)} images)", highlight=False)
+
+
+def _tune_by_evidence(estimator: PriorRegularizedClassifier, structures: list[str],
+                      bounds: tuple[float, float] | None, X: np.ndarray, y: np.ndarray, *, out: Path | None,
+                      force: bool, as_json: bool, quiet: bool) -> None:
+    """One fit per structure with ``prior_scale="evidence"``; the largest final log evidence wins."""
+    rows, fitted = [], []
+    status = f"fitting {len(structures)} structure(s) with the evidence-chosen scale on {len(y)} images ..."
+    with console.status(status, spinner="dots") if not quiet and not as_json else contextlib.nullcontext():
+        for structure in structures:
+            model = clone(estimator).set_params(prior_structure=structure, prior_scale="evidence",
+                                                prior_scale_bounds=bounds)
+            start = time.perf_counter()
+            model.fit(X, y)
+            trace = getattr(model, "evidence_trace_", [])
+            rows.append({"params": {"prior_structure": structure, "prior_scale": float(model.prior_scale_)},
+                         "log_evidence": trace[-1]["log_evidence"] if trace else float("nan"),
+                         "fit_time": time.perf_counter() - start, "trace": trace})
+            fitted.append(model)
+    best = int(np.nanargmax([row["log_evidence"] for row in rows])) if rows else 0
+    for i, row in enumerate(rows):
+        row["chosen"] = i == best
+    chosen = rows[best]["params"]
+    if as_json:
+        typer.echo(json.dumps({"method": "evidence", "results": rows, "chosen": chosen}, indent=2))
+    else:
+        table = Table(title="prior scale by the Laplace evidence (one fit each, on all images)", title_justify="left")
+        for column in ("candidate", "log evidence", "fit s", "chosen"):
+            table.add_column(column, justify="left" if column == "candidate" else "right")
+        for row in rows:
+            table.add_row(_describe(row["params"]), f"{row['log_evidence']:.2f}", f"{row['fit_time']:.1f}",
+                          "*" if row["chosen"] else "")
+        console.print(table)
+        console.print(f"chosen: {_describe(chosen)} (the largest log evidence)", highlight=False)
+    if out is not None:
+        save_model(fitted[best], out, overwrite=force)
+        if not as_json:
+            console.print(f"wrote {out} (the chosen fit, on all {len(y)} images)", highlight=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import stat
 import tempfile
 import warnings
 import zipfile
@@ -13,31 +14,130 @@ from typing import Any, Callable
 
 import torch
 
-from .exceptions import OutputExistsError, PriorFormatError
+from .exceptions import OutputExistsError, OutputWriteError, PriorFormatError
 
-__all__ = ["atomic_write", "atomic_torch_save", "safe_torch_load"]
+__all__ = ["atomic_torch_save", "atomic_write", "check_input_file", "check_output_path", "safe_torch_load"]
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """Where an output file will be written, checked before any work; raises naming ``path``.
+
+    A symbolic link is written through (its target is replaced, the link stays). Refused: an
+    existing file without ``overwrite``, anything but a regular file (a directory, a device such
+    as ``/dev/full``, a FIFO), a missing or unwritable directory.
+    """
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if target.exists():
+        if not overwrite:
+            raise OutputExistsError(f"output file '{path}' already exists; pass --force (overwrite=True) to replace it")
+        if target.is_dir():
+            raise IsADirectoryError(f"output '{path}' is a directory; give a file name")
+        if not target.is_file():
+            raise OutputWriteError(f"output '{path}' is not a regular file ({_kind(target)}); give a file path")
+    parent = target.parent
+    if not parent.exists():
+        raise FileNotFoundError(f"cannot write '{path}': directory '{parent}' does not exist")
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot write '{path}': '{parent}' is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write '{path}': directory '{parent}' is not writable")
+    return target
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool = True) -> Path:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
+    """Call ``write(tmp_path)``, then move the finished file onto ``path`` atomically.
 
-    The rename is atomic on POSIX file systems, so an interrupted write (an exception, Ctrl-C)
-    leaves either the old file or nothing, never a half-written one.
+    An interrupted write (an exception, Ctrl-C, SIGKILL) leaves the old file or nothing, never a
+    half-written one. The file and its directory are flushed to disk before the move. Without
+    ``overwrite`` the move fails if ``path`` appeared meanwhile (a hard link, which never replaces),
+    so two runs cannot overwrite each other. A new file gets the permissions the umask allows, a
+    replaced one keeps its own; a symbolic link is written through. Errors name ``path``.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"output file '{path}' already exists; pass --force (overwrite=True) to replace it")
-    if path.parent and not path.parent.exists():
-        raise FileNotFoundError(f"cannot write '{path}': directory '{path.parent}' does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    shown = Path(path)
+    target = check_output_path(shown, overwrite=overwrite)
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        try:
+            write(tmp)
+            os.chmod(tmp, mode)
+            _fsync(tmp)
+        except OSError as exc:
+            raise OutputWriteError(f"cannot write '{shown}': {exc.strerror or exc}") from None
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            _move_exclusive(tmp, target, shown)
+        _fsync(target.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return shown
+
+
+def _move_exclusive(tmp: str, target: Path, shown: Path) -> None:
+    try:
+        os.link(tmp, target)  # fails if target exists, however it got there
+    except FileExistsError:
+        raise OutputExistsError(f"output file '{shown}' appeared while this run was writing it; pass --force "
+                                "(overwrite=True) to replace it") from None
+    except OSError:  # a file system without hard links: claim the name exclusively, then replace it
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            raise OutputExistsError(f"output file '{shown}' appeared while this run was writing it; pass --force "
+                                    "(overwrite=True) to replace it") from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory; the data itself was synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISFIFO(mode):
+        return "a pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def check_input_file(path: str | os.PathLike, what: str, error: type[Exception]) -> Path:
+    """An existing regular file, or ``error`` naming ``path`` (devices and pipes could be read forever)."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise error(f"{what} '{path}' is a symbolic link to '{os.readlink(path)}', which does not exist") \
+                from None
+        raise error(f"{what} '{path}' does not exist") from None
+    except OSError as exc:  # a symlink loop (ELOOP), a permission problem on the way
+        raise error(f"{what} '{path}' cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise error(f"{what} '{path}' is a directory, expected a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{what} '{path}' is not a regular file ({_kind(path)}); expected a file")
     return path
 
 
@@ -52,11 +152,7 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "file", mmap: bool =
 
     Files that would need arbitrary classes to unpickle are refused, never executed.
     """
-    path = Path(path)
-    if not path.exists():
-        raise error(f"{what} '{path}' does not exist")
-    if path.is_dir():
-        raise error(f"{what} '{path}' is a directory, expected a file written by torch.save")
+    path = check_input_file(path, what, error)
     use_mmap = mmap and zipfile.is_zipfile(path)
     try:
         with warnings.catch_warnings():

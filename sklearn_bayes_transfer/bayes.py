@@ -8,7 +8,11 @@
   constant learning rate ``sample_lr``, from which ``n_samples`` weight vectors are drawn;
 - ``"sgld"``: stochastic-gradient Langevin dynamics on the same prior-regularised loss, with the
   cyclical cosine step size of Zhang et al. (2020, "Cyclical Stochastic Gradient MCMC"), keeping
-  ``n_samples`` iterates at the ends of epochs in the low-step-size half of each cycle.
+  ``n_samples`` iterates at the ends of epochs in the low-step-size half of each cycle;
+- ``"laplace"``: after MAP training, ``n_samples`` draws from the Laplace posterior (the learned
+  prior plus the diagonal Fisher, :func:`~sklearn_bayes_transfer.laplace.laplace_samples`),
+  averaged through the network linearised at the fitted weights (:meth:`BayesianInferenceMixin.infer`);
+  measured to be far too wide (docs/evidence.md).
 
 ``predict_proba`` averages the network's predicted probabilities (its own predict nonlinearity:
 softmax over the classes, over dim 1 for a segmenter) over the samples: Bayesian model averaging.
@@ -33,10 +37,12 @@ import numpy as np
 import torch
 from skorch.callbacks import Callback
 from torch import nn
+from torch.func import functional_call, jvp
 
 from ._validation import Integral, Interval, Real, check_choice, check_params
 from .batchnorm import batchnorm_buffers, batchnorm_inputs, recompute_batchnorm
 from .exceptions import ConfigError, PriorFormatError
+from .laplace import laplace_samples
 from .sampling import (
     SAMPLING_CONSTRAINTS,
     Inference,
@@ -164,6 +170,8 @@ class BayesianInferenceCallback(Callback):
         self.lrs_ = [group["lr"] for group in net.optimizer_.param_groups]
         self.kept_ = 0
         storage = _as_device(self.inference_device)
+        if plan.inference is Inference.LAPLACE:
+            return  # samples at the end of training
         if plan.inference is Inference.SWAG:
             rank = max(2, min(SWAG_RANK, len(plan.sample_epochs)))
             self.swag_ = SwagCallback(start=self.first_epoch_ + plan.start, collect_every=int(self.sample_every),
@@ -178,7 +186,6 @@ class BayesianInferenceCallback(Callback):
         self.steps_per_epoch_ = 1
         self.max_lr_ = float(self.sample_lr if self.sample_lr is not None else net.lr)
         if float(self.sgld_temperature) > 0:
-            self.prox_ = _langevin_prox(net)
             self.hook_ = net.optimizer_.register_step_post_hook(lambda optimizer, args, kwargs: self._noise(net))
 
     @staticmethod
@@ -221,6 +228,9 @@ class BayesianInferenceCallback(Callback):
         """Langevin noise after an optimizer step of the sampling phase (before the proximal step)."""
         if self.store_ is None or self._phase_epoch(net) < 0:
             return
+        if self.prox_ is None:
+            # Built when sampling starts: the prior's scale may change before (prior_scale="evidence").
+            self.prox_ = _langevin_prox(net)
         n = max(int(getattr(net, "n_train_", 1)), 1)
         params, steps = [], []
         for group in net.optimizer_.param_groups:
@@ -253,11 +263,20 @@ class BayesianInferenceCallback(Callback):
             return
         for group, lr in zip(net.optimizer_.param_groups, self.lrs_):
             group["lr"] = lr
+        if getattr(net, "_interrupted_", False):  # Ctrl-C: no samples from a cut-short run
+            self.swag_ = self.store_ = self.prox_ = None
+            return
         try:
-            samples = self._swag_samples(net) if self.swag_ is not None else self.store_[:self.kept_]
+            if self.plan_.inference is Inference.LAPLACE:
+                samples = self._laplace_samples(net, X, y) if X is not None else None
+            else:
+                samples = self._swag_samples(net) if self.swag_ is not None else self.store_[:self.kept_]
             if samples is not None and len(samples) and X is not None:
                 net.samples_ = samples
-                net.sample_buffers_ = self._sample_buffers(net, samples, X)
+                if self.plan_.inference is Inference.LAPLACE:  # the linearised network keeps w*'s statistics
+                    net.sample_buffers_ = self._own_buffers(net, len(samples), samples.device)
+                else:
+                    net.sample_buffers_ = self._sample_buffers(net, samples, X)
         finally:
             # The SWAG moments, the sample store and the prior sampler are not needed after fit.
             self.swag_ = self.store_ = self.prox_ = None
@@ -273,6 +292,50 @@ class BayesianInferenceCallback(Callback):
         z_low = torch.randn(n, dev.shape[0], generator=g, device=mean.device)
         # w = mean + sqrt(diag / 2) z1 + Dev^T z2 / sqrt(2 (K - 1))   (Maddox et al., 2019)
         return mean + z_diag * (0.5 * variance).sqrt() + (z_low @ dev) / math.sqrt(2.0 * (dev.shape[0] - 1))
+
+    def _laplace_samples(self, net: Any, X: Any, y: Any) -> torch.Tensor:
+        """``n_samples`` draws from the Laplace posterior at the fitted weights, over ``module_.parameters()``.
+
+        The backbone's posterior has the learned prior's precision plus the diagonal Fisher
+        (:func:`~sklearn_bayes_transfer.laplace.laplace_samples`); the head's, precision
+        ``head_weight_decay`` plus its Fisher. Parameters under neither prior (a backbone trained
+        without a prior term) stay at their fitted values: a last-layer Laplace.
+        """
+        params = list(net.module_.parameters())
+        fisher = dict(zip(map(id, params), net._curvature(net.get_dataset(X, y), params)[0]))
+        n, storage, g = int(self.n_samples), _as_device(self.inference_device), self._generator(torch.device("cpu"))
+        offsets, total = {}, 0
+        for p in params:
+            offsets[id(p)] = total
+            total += p.numel()
+        out = torch.empty(n, total, dtype=torch.float32, device=storage)
+        _copy_to_flat(params, out[0])
+        out[1:] = out[0]
+        alpha = float(net.head_weight_decay)
+        for p in net.head_params_:
+            sd = (alpha + fisher[id(p)].detach().to("cpu", torch.float64).reshape(-1)).rsqrt()
+            start = offsets[id(p)]
+            noise = torch.randn(n, p.numel(), generator=g, dtype=torch.float64) * sd
+            out[:, start:start + p.numel()] += noise.to(storage, torch.float32)
+        if net.penalty_ is not None:
+            covered = list(net.prior_params_)
+            draws = laplace_samples(net.prior_, [p.detach().cpu() for p in covered], [fisher[id(p)] for p in covered],
+                                    float(net.prior_scale_), n, eps=float(net.prior_eps), structure=net._structure(),
+                                    generator=g)
+            pos = 0
+            for p in covered:
+                start = offsets[id(p)]
+                out[:, start:start + p.numel()] = draws[:, pos:pos + p.numel()].to(storage)
+                pos += p.numel()
+        return out
+
+    @staticmethod
+    def _own_buffers(net: Any, n: int, device: torch.device) -> torch.Tensor:
+        buffers = [b for _, b in batchnorm_buffers(net.module_)]
+        out = torch.empty(n, sum(b.numel() for b in buffers), dtype=torch.float32, device=device)
+        for row in out:
+            _copy_to_flat(buffers, row)
+        return out
 
     def _sample_buffers(self, net: Any, samples: torch.Tensor, X: Any) -> torch.Tensor:
         buffers = [b for _, b in batchnorm_buffers(net.module_)]
@@ -367,21 +430,25 @@ class BayesianInferenceMixin:
         return samples[index], self.sample_buffers_[index]
 
     def predict_proba(self, X):
-        """Predicted probabilities; with ``inference`` ``"swag"`` or ``"sgld"``, their average over
-        the posterior samples (each with its own BatchNorm statistics)."""
+        """Predicted probabilities; with Bayesian ``inference``, their average over the posterior samples."""
         parent = super().predict_proba
         return self._bayes_average(lambda: parent(X))
 
     def _bayes_average(self, predict: Callable[[], np.ndarray]) -> np.ndarray:
-        """``predict()`` for MAP; else its mean over the posterior samples loaded in turn into ``module_``.
+        """``predict()`` for MAP; else its mean over the posterior samples.
 
-        ``predict`` returns probabilities through the net's own predict nonlinearity (softmax over
-        dim 1 for classes, per pixel for a segmenter), so the average is Bayesian model averaging
-        whatever the output's shape. ``module_`` gets its own weights back afterwards.
+        SWAG and SGLD samples are loaded in turn into ``module_`` (with their BatchNorm
+        statistics); Laplace samples go through the network linearised at its fitted weights
+        (:meth:`infer`). ``predict`` returns probabilities through the net's own predict
+        nonlinearity (softmax over dim 1 for classes, per pixel for a segmenter), so the average is
+        Bayesian model averaging whatever the output's shape. ``module_`` gets its own weights back.
         """
-        if check_choice(Inference, self.inference, "inference") is Inference.MAP:
+        inference = check_choice(Inference, self.inference, "inference")
+        if inference is Inference.MAP:
             return predict()
         samples, buffers = self._prediction_samples()
+        if inference is Inference.LAPLACE:
+            return self._linearised_average(predict, samples)
         params = list(self.module_.parameters())
         bn = [b for _, b in batchnorm_buffers(self.module_)]
         saved = [t.detach().clone() for t in params + bn]
@@ -397,6 +464,44 @@ class BayesianInferenceMixin:
                 for t, value in zip(params + bn, saved):
                     t.copy_(value)
         return (total / len(samples)).astype(proba.dtype)
+
+    def _linearised_average(self, predict: Callable[[], np.ndarray], samples: torch.Tensor) -> np.ndarray:
+        named = list(self.module_.named_parameters())
+        total = None
+        try:
+            for sample in samples:
+                delta, offset = {}, 0
+                for name, p in named:
+                    delta[name] = sample[offset:offset + p.numel()].view_as(p).to(p.device, p.dtype) - p.detach()
+                    offset += p.numel()
+                self._glm_delta_ = delta
+                proba = np.asarray(predict())
+                total = proba.astype(np.float64) if total is None else total + proba
+        finally:
+            self._glm_delta_ = None
+        return (total / len(samples)).astype(proba.dtype)
+
+    def infer(self, x, **fit_params):
+        """skorch's forward pass; while Laplace samples are averaged, the GLM predictive's.
+
+        That is ``f(x; w*) + J(x) (w - w*)``: the network linearised at its fitted weights ``w*``
+        and evaluated at a posterior sample ``w`` (one forward-mode pass, :func:`torch.func.jvp`).
+        With a diagonal-curvature Laplace posterior the network itself evaluated at ``w`` predicts
+        little better than chance, while the linearised one is the model the Laplace posterior
+        describes (Immer et al., AISTATS 2021).
+        """
+        delta = getattr(self, "_glm_delta_", None)
+        if delta is None or fit_params or not isinstance(x, torch.Tensor):
+            return super().infer(x, **fit_params)
+        x = x.to(self.device)
+        params = {name: p.detach() for name, p in self.module_.named_parameters()}
+        buffers = dict(self.module_.named_buffers())
+
+        def network(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(self.module_, ({**buffers, **weights},), (x,))
+
+        out, tangent = jvp(network, (params,), (delta,))
+        return out + tangent
 
     # -- model files ----------------------------------------------------------------------------------------
     def posterior_state(self) -> dict[str, Any]:

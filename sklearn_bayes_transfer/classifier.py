@@ -85,12 +85,17 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         BatchNorm statistics used by ``predict``: recomputed over the training images for the
         final weights, or PyTorch's running averages (see
         :class:`~sklearn_bayes_transfer.recipe.BatchNormUpdate`).
-    prior_scale : float or "auto", default="auto"
+    prior_scale : float, "auto" or "evidence", default="auto"
         ``lambda > 0``: scales the prior covariance. ``1`` is the posterior as learned, which
         pins the backbone and costs accuracy; ``"auto"`` is ``lambda_0 * 10**3``, with
         ``lambda_0`` the prior's :meth:`~sklearn_bayes_transfer.Prior.reference_scale`, the
-        scale measured not to cost accuracy on the transfer panel. Search it on a log grid
-        (:func:`~sklearn_bayes_transfer.tuning.default_param_grid`) to let the prior help.
+        scale measured not to cost accuracy on the transfer panel. ``"evidence"`` starts there
+        and re-estimates the scale a few times during the fit by maximising the Laplace
+        approximation of the marginal likelihood (:mod:`~sklearn_bayes_transfer.evidence`). Or
+        search it on a log grid (:func:`~sklearn_bayes_transfer.tuning.default_param_grid`).
+    prior_scale_bounds : (float, float), optional
+        Range of ``prior_scale="evidence"`` and :meth:`evidence_curve` (default:
+        ``lambda_0 * 10**-3`` to ``lambda_0 * 10**9``).
     prior_eps : float, default=0.0
         Jitter added to the prior covariance's diagonal.
     prior_structure : {"lowrank", "diag", "isotropic", "none"}, default="lowrank"
@@ -106,14 +111,17 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
     preprocess : "auto", None, Preprocess or dict, default="auto"
         Input preprocessing. ``"auto"`` applies the prior's recorded preprocessing (resize,
         grey/RGB, normalisation), or one fitted on the training data if the prior has none.
-    inference : {"map", "swag", "sgld"}, default="map"
+    inference : {"map", "swag", "sgld", "laplace"}, default="map"
         ``"map"``: predict with the fitted weights. ``"swag"``: collect a SWAG posterior over the
         whole network during the last part of fine-tuning and average ``predict_proba`` over
         ``n_samples`` draws from it. ``"sgld"``: run stochastic-gradient Langevin dynamics on the
         same loss over the last part, with a cyclical step size, and average over ``n_samples``
-        iterates. See :mod:`sklearn_bayes_transfer.bayes`.
+        iterates. ``"laplace"``: after MAP fine-tuning, average the linearised network over
+        ``n_samples`` draws from the Laplace posterior (learned prior plus diagonal Fisher); it
+        is measured to be far too wide, so prefer SWAG for predictive uncertainty
+        (docs/evidence.md). See :mod:`sklearn_bayes_transfer.bayes`.
     n_samples : int, default=20
-        Posterior samples averaged by ``predict_proba`` (SWAG draws or SGLD iterates).
+        Posterior samples averaged by ``predict_proba`` (SWAG or Laplace draws, SGLD iterates).
     sample_start : float, default=0.5
         Fraction of ``max_epochs`` trained before SWAG collection or SGLD sampling starts.
     sample_every : int, default=1
@@ -145,7 +153,11 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
     n_train_ : int
         Number of training examples of the last fit (the ``N`` of the loss).
     prior_scale_ : float or None
-        The prior scale in use (``"auto"`` resolved); ``None`` without a prior term.
+        The prior scale in use (``"auto"`` resolved, ``"evidence"`` as last chosen); ``None``
+        without a prior term.
+    evidence_trace_ : list of dict
+        With ``prior_scale="evidence"``: each update's ``step``, ``prior_scale`` and
+        ``log_evidence``.
     prior_update_ : {"proximal", "gradient"}
         How the prior enters the updates of this optimizer (``prior_update="auto"`` resolved).
     training_plan_ : TrainingPlan
@@ -154,7 +166,7 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
     module_ : nn.Module
         The fitted network.
     samples_ : torch.Tensor
-        With ``inference`` ``"swag"`` or ``"sgld"``: the posterior samples, float32 of shape
+        With ``inference`` ``"swag"``, ``"sgld"`` or ``"laplace"``: the posterior samples, float32 of shape
         ``(n_samples, n_parameters)`` over ``module_.parameters()``, on ``inference_device``.
     sample_buffers_ : torch.Tensor
         The BatchNorm running statistics recomputed for each sample on (up to 2,048 of) the
@@ -191,6 +203,7 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         augment: Any = "light",
         batchnorm: str = "recompute",
         prior_scale: float | str = "auto",
+        prior_scale_bounds: tuple[float, float] | None = None,
         prior_eps: float = 0.0,
         prior_structure: str = "lowrank",
         head_weight_decay: float = 1.0,
@@ -217,6 +230,7 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         self.augment = augment
         self.batchnorm = batchnorm
         self.prior_scale = prior_scale
+        self.prior_scale_bounds = prior_scale_bounds
         self.prior_eps = prior_eps
         self.prior_structure = prior_structure
         self.head_weight_decay = head_weight_decay

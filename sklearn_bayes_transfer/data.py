@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -578,14 +579,50 @@ def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
     return out
 
 
-def _find_files(directory: Path, extensions: tuple[str, ...]) -> list[Path]:
-    """Files below ``directory`` with one of ``extensions`` (any case), sorted; hidden ones skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames
-                     if not f.startswith(".") and f.lower().endswith(extensions))
+def _find_files(directory: Path, extensions: tuple[str, ...], seen: dict[str, Path] | None = None) -> list[Path]:
+    """Files below ``directory`` with one of ``extensions`` (any case), sorted; hidden ones skipped.
+
+    Symbolic links to folders are followed, each real folder at most once (``seen``, shared across
+    the calls of one scan): a link that loops back to a folder containing it, or leads to a folder
+    already read, raises :class:`DataError` naming it, where following it would read images twice
+    or forever.
+    """
+    seen = {} if seen is None else seen
+    found: list[Path] = []
+    stack = [directory]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            if real == os.path.commonpath([real, os.path.realpath(folder.parent)]):
+                raise DataError(f"folder '{folder}' is a symbolic link to '{real}', which contains it: following it "
+                                "would loop forever; remove the link")
+            raise DataError(f"folder '{folder}' leads to '{real}', already read as '{seen[real]}': its images would "
+                            "be read twice (with another label); remove the link")
+        seen[real] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            raise DataError(f"cannot read folder '{folder}': {exc.strerror or exc}") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if _is_dir(entry, path):
+                stack.append(path)
+            elif entry.name.lower().endswith(extensions):
+                if entry.is_symlink() and not path.exists():
+                    raise DataError(f"image '{path}' is a symbolic link to '{os.readlink(path)}', which does not "
+                                    "exist (or loops); remove it")
+                found.append(path)
     return sorted(found)
+
+
+def _is_dir(entry: os.DirEntry, path: Path) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError as exc:  # a link that loops on itself
+        raise DataError(f"'{path}' cannot be followed: {exc.strerror or exc}") from None
 
 
 def _open(path: Path) -> Image.Image:
@@ -683,9 +720,16 @@ def _stack_raw(raws: list[np.ndarray], paths: list[Path], size: tuple[int, int] 
 
 def _check_dir(root: Any, what: str) -> Path:
     path = Path(root)
-    if not path.exists():
-        raise DataError(f"{what} '{path}' does not exist")
-    if not path.is_dir():
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise DataError(f"{what} '{path}' is a symbolic link to '{os.readlink(path)}', which does not exist") \
+                from None
+        raise DataError(f"{what} '{path}' does not exist") from None
+    except OSError as exc:  # ELOOP: a link that loops
+        raise DataError(f"{what} '{path}' cannot be opened: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(info.st_mode):
         raise DataError(f"{what} '{path}' is not a directory")
     return path
 
@@ -767,8 +811,9 @@ class ImageFolder(torch.utils.data.Dataset):
                 )
             raise DataError(f"no images found in '{self.root}' ({self._looked_for()})")
         classes, paths, targets = [], [], []
+        seen: dict[str, Path] = {os.path.realpath(self.root): self.root}
         for index, class_dir in enumerate(class_dirs):
-            found = _find_files(class_dir, self.extensions)
+            found = _find_files(class_dir, self.extensions, seen)
             if not found:
                 raise DataError(
                     f"class folder '{class_dir}' holds no images ({self._looked_for()}); add images "
@@ -873,12 +918,15 @@ def _read_mask(path: Path) -> np.ndarray:
     elif mode not in ("1", "L", "P", "I") and not mode.startswith("I;16"):
         raise DataError(f"mask '{path}' has image mode {mode}; expected a grey (L), palette (P) or "
                         f"integer (I) PNG of class ids")
-    return array.astype(np.int64)
+    array = array.astype(np.int64)
+    if array.size and array.min() < 0:
+        raise DataError(f"mask '{path}' holds the value {int(array.min())}; class ids must be >= 0")
+    return array
 
 
 def load_segmentation_folder(images_dir: str | os.PathLike, masks_dir: str | os.PathLike, *,
-                             image_size: SizeLike = None,
-                             channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                             image_size: SizeLike = None, channels: int | None = None,
+                             max_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load images and their masks, paired by file name without extension.
 
     ``images_dir/a.jpg`` pairs with ``masks_dir/a.png`` (sub-folders pair by relative path).
@@ -892,6 +940,9 @@ def load_segmentation_folder(images_dir: str | os.PathLike, masks_dir: str | os.
         Resize images (bilinear) and masks (nearest) to it; required when image sizes differ.
     channels : {1, 3}, optional
         Defaults to RGB when any image is colour, else grey.
+    max_id : int, optional
+        The largest class id allowed (e.g. 255 for masks that must be written back as 8-bit PNGs);
+        a mask holding more raises :class:`DataError` naming it.
 
     Returns
     -------
@@ -928,6 +979,9 @@ def load_segmentation_folder(images_dir: str | os.PathLike, masks_dir: str | os.
     raws, mask_arrays = [], []
     for key in keys:
         raw, mask = _read_raw(images[key]), _read_mask(masks[key])
+        if max_id is not None and mask.size and mask.max() > max_id:
+            raise DataError(f"mask '{masks[key]}' holds the value {int(mask.max())}; class ids (and the ignored "
+                            f"value) must be at most {max_id} here")
         if raw.shape[-2:] != mask.shape:
             raise DataError(
                 f"image '{images[key]}' is {_hw(raw)} but its mask '{masks[key]}' is {_hw(mask)} "

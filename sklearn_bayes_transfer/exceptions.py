@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "TrainingDivergedError",
     "OutputExistsError",
+    "OutputWriteError",
 ]
 
 
@@ -40,3 +41,7 @@ class TrainingDivergedError(BayesTransferError, RuntimeError):
 
 class OutputExistsError(BayesTransferError, FileExistsError):
     """An output file exists and overwriting it was not asked for."""
+
+
+class OutputWriteError(BayesTransferError, OSError):
+    """An output file cannot be written where it was asked for (not a regular file, disk full, ...)."""

@@ -11,7 +11,8 @@ users as in scikit-learn). Version 1 holds::
      "classes": [...] or None,                           # plain python labels
      "preprocess": Preprocess.to_meta() or None,
      "hyperparameters": {...},                           # the plain-valued constructor arguments
-     "fitted": {"n_features_in": ..., "input_shape": [...], "n_train": ..., "prior_scale": ...},
+     "fitted": {"n_features_in": ..., "input_shape": [...], "n_train": ..., "prior_scale": ...,
+                "evidence_trace": [{"step": ..., "prior_scale": ..., "log_evidence": ...}, ...]},
      "state_dict": {name: Tensor},                       # the whole network, on the CPU
      "samples": dict or None,                            # Bayesian-inference state, see below
      "meta": {"library_version": ..., "created": ..., "optimizer": ..., "prior": {...}}}
@@ -49,14 +50,15 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._io import atomic_torch_save, safe_torch_load
-from ._validation import mismatch_report, plain
+from ._validation import Integral, Interval, Options, check_params, mismatch_report, plain
 from ._version import __version__
 from .backbones import BackboneWithHead, backbone_from_meta, backbone_meta
 from .data import Preprocess
-from .exceptions import BayesTransferError, PriorFormatError
+from .exceptions import BayesTransferError, ConfigError, PriorFormatError
 from .prior import FORMAT_NAME as PRIOR_FORMAT_NAME
 
-__all__ = ["MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION", "ModelFileError", "SavableEstimator", "load_model", "save_model"]
+__all__ = ["MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION", "ModelFileError", "SavableEstimator", "load_model",
+           "model_summary", "save_model"]
 
 MODEL_FORMAT_NAME = "sklearn-bayes-transfer/model"
 MODEL_FORMAT_VERSION = 1
@@ -98,7 +100,7 @@ _ESTIMATOR_MODULES: dict[str, str] = {
 # are replaced on loading, the device is chosen by the caller, classes are stored on their own.
 _NOT_HYPERPARAMETERS = frozenset({"prior", "module", "device", "classes"})
 # Fitted attributes (besides classes_ and preprocess_) that a rebuilt estimator gets back.
-_FITTED_ATTRIBUTES = ("n_features_in_", "input_shape_", "n_train_", "prior_scale_")
+_FITTED_ATTRIBUTES = ("n_features_in_", "input_shape_", "n_train_", "prior_scale_", "evidence_trace_")
 
 
 class ModelFileError(PriorFormatError):
@@ -253,7 +255,40 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu") -> Any:
         raise ModelFileError(f"model file '{source}': invalid content ({type(exc).__name__}: {exc})") from None
 
 
+def model_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """What a model file holds, as plain python, without rebuilding the network.
+
+    Returns the estimator and backbone, the head, the classes, the hyperparameters, the fitted
+    attributes (``prior_scale`` and, with ``prior_scale="evidence"``, the ``evidence_trace``), the
+    number of parameters and of posterior samples, and the file's ``meta``.
+
+    Examples
+    --------
+    >>> model_summary("model.pt")["fitted"]["prior_scale"]            # doctest: +SKIP
+    5408.75
+    """
+    source = str(path)
+    payload = safe_torch_load(path, what="model file", mmap=True, error=ModelFileError)
+    _check_payload(payload, source)
+    samples = payload["samples"]
+    return {
+        "file": source,
+        "estimator": payload["estimator"],
+        "version": payload["version"],
+        "backbone": payload["backbone"],
+        "head": payload["head"],
+        "classes": payload["classes"],
+        "n_params": sum(int(v.numel()) for k, v in payload["state_dict"].items()
+                        if v.is_floating_point() and not k.endswith(("running_mean", "running_var"))),
+        "hyperparameters": payload["hyperparameters"],
+        "fitted": payload["fitted"],
+        "n_samples": int(samples["samples"].shape[0]) if samples else 0,
+        "meta": payload["meta"],
+    }
+
+
 def _rebuild(cls: type, payload: dict[str, Any], source: str, device: str) -> Any:
+    _check_state(payload["state_dict"], source)
     backbone = backbone_from_meta(payload["backbone"])
     module = cls.assemble_network(backbone, cls.head_from_spec(payload["head"], backbone))
     _load_state(module, payload["state_dict"], source)
@@ -267,6 +302,10 @@ def _rebuild(cls: type, payload: dict[str, Any], source: str, device: str) -> An
     estimator.initialize()
     # initialize() re-validated the arguments; now the fitted state, as fit would leave it.
     if payload["classes"] is not None:
+        outputs = payload["head"].get("out_features", payload["head"].get("n_classes"))
+        if outputs is not None and outputs != len(payload["classes"]):
+            raise ModelFileError(f"model file '{source}': it lists {len(payload['classes'])} classes but its head "
+                                 f"has {outputs} outputs")
         estimator.classes_fitted_ = np.asarray(payload["classes"])
         estimator.classes_inferred_ = estimator.classes_fitted_
     preprocess = payload["preprocess"]
@@ -275,7 +314,7 @@ def _rebuild(cls: type, payload: dict[str, Any], source: str, device: str) -> An
         key = attr.rstrip("_")
         if key in payload["fitted"]:
             value = payload["fitted"][key]
-            setattr(estimator, attr, tuple(value) if isinstance(value, list) else value)
+            setattr(estimator, attr, tuple(value) if attr == "input_shape_" and isinstance(value, list) else value)
     if payload["samples"] is not None:
         estimator.load_posterior_state(payload["samples"])
     return estimator
@@ -332,9 +371,29 @@ def _load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
     module.load_state_dict(state, strict=True)
 
 
+# skorch's own constructor arguments that a model file may hold, with what a file may set them to
+# (the estimators' own are checked with their ``_parameter_constraints``).
+_SKORCH_CONSTRAINTS: dict[str, list[Any]] = {
+    "train_split": [None],
+    "callbacks": [None],
+    "predict_nonlinearity": [Options({"auto"}), None],
+    "warm_start": [bool],
+    "verbose": [Interval(Integral, 0, None)],
+    "compile": [bool],
+    "use_caching": [Options({"auto"}), bool],
+    "torch_load_kwargs": [None, dict],
+    "preprocess": [Options({"auto"}), None, dict],
+}
+
+
 def _restorable_hyperparameters(cls: type, stored: dict[str, Any], source: str) -> dict[str, Any]:
-    """Stored hyperparameters this version's ``cls`` accepts; prefixed (``a__b``) ones are records only."""
+    """Stored hyperparameters this version's ``cls`` accepts, each checked as ``cls`` checks it.
+
+    Prefixed (``a__b``) ones are records only. A value outside the constraints (a crafted file's
+    ``batch_size=-5``, a string where skorch expects a callback list) is a :class:`ModelFileError`.
+    """
     accepted = set(cls().get_params(deep=False))
+    constraints = {**_SKORCH_CONSTRAINTS, **cls._all_parameter_constraints()}
     params = {}
     for key, value in stored.items():
         if "__" in key or key in _NOT_HYPERPARAMETERS:
@@ -343,8 +402,28 @@ def _restorable_hyperparameters(cls: type, stored: dict[str, Any], source: str) 
             warnings.warn(f"model file '{source}': hyperparameter {key}={value!r} is unknown to this version's "
                           f"{cls.__name__}; it is ignored", UserWarning, stacklevel=4)
             continue
+        if key == "callbacks" and value == []:
+            value = None  # a fit's own callbacks are objects; the file records that there were none to keep
+        if key not in constraints:
+            raise ModelFileError(f"model file '{source}': hyperparameter {key!r} cannot be restored from a file")
+        try:
+            check_params({key: value}, {key: constraints[key]})
+        except ConfigError as exc:
+            raise ModelFileError(f"model file '{source}': hyperparameter {exc}") from None
         params[key] = value
     return params
+
+
+def _check_state(state: dict[str, torch.Tensor], source: str) -> None:
+    """Finite weights and statistics, non-negative BatchNorm variances."""
+    for name, value in state.items():
+        if not value.is_floating_point():
+            continue
+        if not bool(torch.isfinite(value).all()):
+            raise ModelFileError(f"model file '{source}': tensor {name!r} contains NaN or Inf values")
+        if name.endswith("running_var") and value.numel() and float(value.min()) < 0:
+            raise ModelFileError(f"model file '{source}': BatchNorm variance {name!r} has a negative value "
+                                 f"{float(value.min()):.3g}")
 
 
 # -- plain values -----------------------------------------------------------------------------------

@@ -199,6 +199,7 @@ class PriorPenalty:
             raise ConfigError(f"{zeros} prior variance(s) are zero, so the prior precision is infinite; "
                               "set prior_eps > 0 (e.g. 1e-8)")
         self._inv_d64 = 1.0 / d
+        self._max_precision: float | None = None
         k = self.prior.rank
         # A = I_K + lambda * F diag(1/d) F^T, built chunk by chunk in float64.
         a = torch.eye(k, dtype=torch.float64)
@@ -363,7 +364,9 @@ class PriorPenalty:
     @property
     def max_precision(self) -> float:
         """Largest diagonal precision ``1 / min(d)``: the stiffness of the training term."""
-        return float(self._inv_d64.max()) if self.prior.n_params else 0.0
+        if self._max_precision is None:
+            self._max_precision = float(self._inv_d64.max()) if self.prior.n_params else 0.0
+        return self._max_precision
 
     @torch.no_grad()
     def prox_(self, params: Sequence[torch.Tensor], step: float | Sequence[float]) -> float:

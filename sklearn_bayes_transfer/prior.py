@@ -7,6 +7,8 @@ shape ``(K, D)``. Parameters are flattened in ``backbone.named_parameters()`` or
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import warnings
@@ -196,6 +198,7 @@ class Prior:
         self._names = names
         self._shapes = shapes
         self._buffers = {str(k): _as_tensor(v, f"buffers[{k!r}]") for k, v in dict(buffers or {}).items()}
+        _check_buffers(self._buffers)
         self._meta = plain(dict(meta or {}), "meta", error=PriorFormatError)
 
     # -- read-only views -------------------------------------------------------------------
@@ -414,7 +417,24 @@ class Prior:
             "factor": self._factor,
             "buffers": dict(self._buffers),
             "meta": _deep_copy_plain(self._meta),
+            "digest": self.digest(),
         }
+
+    def digest(self) -> str:
+        """SHA-256 of the prior's content (names, shapes, meta and every tensor's bytes), as hex.
+
+        :meth:`save` stores it and :meth:`load` checks it, so a flipped bit or a truncated copy
+        is refused rather than used.
+        """
+        h = hashlib.sha256()
+        h.update(json.dumps({"names": list(self._names), "shapes": [list(s) for s in self._shapes],
+                             "buffers": sorted(self._buffers), "meta": self._meta}, sort_keys=True,
+                            default=str).encode())
+        for tensor in (self._mean, self._variance, self._factor, *(self._buffers[k] for k in sorted(self._buffers))):
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            h.update(f"{flat.dtype}:{flat.numel()};".encode())
+            h.update(flat.view(torch.uint8).numpy())
+        return h.hexdigest()
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
         """Write the prior atomically (temporary file, then rename).
@@ -424,8 +444,11 @@ class Prior:
         return atomic_torch_save(self.to_dict(), path, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, mmap: bool = True) -> "Prior":
+    def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True) -> "Prior":
         """Read a prior file safely (``weights_only=True``) and lazily (memory-mapped).
+
+        With ``verify`` (the default) the content is checked against the digest stored at save,
+        which reads the whole file once; ``verify=False`` skips that for very large files.
 
         Raises
         ------
@@ -433,11 +456,11 @@ class Prior:
             Naming the file and what is wrong with it.
         """
         payload = safe_torch_load(path, what="prior file", mmap=mmap)
-        return cls.from_dict(payload, source=str(path))
+        return cls.from_dict(payload, source=str(path), verify=verify)
 
     @classmethod
-    def from_dict(cls, payload: Any, *, source: str = "<dict>") -> "Prior":
-        """Build a prior from a version-1 payload (see :meth:`to_dict`)."""
+    def from_dict(cls, payload: Any, *, source: str = "<dict>", verify: bool = True) -> "Prior":
+        """Build a prior from a version-1 payload (see :meth:`to_dict`), checking its digest if it has one."""
         def bad(msg: str) -> PriorFormatError:
             return PriorFormatError(f"prior file '{source}': {msg}")
 
@@ -462,12 +485,19 @@ class Prior:
             if not isinstance(payload[key], kind):
                 raise bad(f"{key!r} must be a {kind.__name__}, found {type(payload[key]).__name__}")
         try:
-            return cls(payload["mean"], payload["variance"], payload["factor"], names=payload["names"],
-                       shapes=payload["shapes"], buffers=payload["buffers"], meta=payload["meta"])
+            prior = cls(payload["mean"], payload["variance"], payload["factor"], names=payload["names"],
+                        shapes=payload["shapes"], buffers=payload["buffers"], meta=payload["meta"])
         except PriorFormatError as exc:
             raise bad(str(exc)) from None
         except (TypeError, ValueError) as exc:
             raise bad(f"invalid content: {exc}") from None
+        stored = payload.get("digest")
+        if stored is not None and not isinstance(stored, str):
+            raise bad(f"'digest' must be a str, found {type(stored).__name__}")
+        if verify and stored is not None and prior.digest() != stored:
+            raise bad("its content does not match the digest stored when it was saved (a flipped bit, a truncated "
+                      "or edited copy?); get the file again, or load it with verify=False at your own risk")
+        return prior
 
     @classmethod
     def from_official(
@@ -495,6 +525,17 @@ class Prior:
         files = _read_official(str(prefix))
         detected, ratio = _detect_normalization(files, normalization)
         return _convert_official(cls, files, normalization, detected, ratio, backbone)
+
+
+def _check_buffers(buffers: Mapping[str, torch.Tensor]) -> None:
+    """BatchNorm statistics must be finite, and variances non-negative."""
+    for name, value in buffers.items():
+        if not value.is_floating_point():
+            continue
+        if not bool(torch.isfinite(value).all()):
+            raise PriorFormatError(f"buffer {name!r} contains NaN or Inf values")
+        if name.endswith("running_var") and value.numel() and float(value.min()) < 0:
+            raise PriorFormatError(f"buffer {name!r} is a variance but has a negative value {float(value.min()):.3g}")
 
 
 # -- the official repository's four files: read, detect, convert --------------------------------------------

@@ -217,7 +217,7 @@ class RecomputeBatchNorm(Callback):
 
     def on_train_end(self, net: Any, **kwargs: Any) -> None:
         dataset, self.dataset_ = getattr(self, "dataset_", None), None  # no reference kept after fit
-        if dataset is None:
+        if dataset is None or getattr(net, "_interrupted_", False):
             return
         inputs = batchnorm_inputs(dataset, int(net.batch_size), torch.Generator().manual_seed(0))
         recompute_batchnorm(net, inputs)
@@ -248,10 +248,11 @@ class TrainLoader(DataLoader):
 
 
 def resolve_prior_scale(value: Any, prior: Prior | None, argument: str = "prior_scale") -> float:
-    """The numeric scale for ``prior_scale``: a finite number > 0, or ``"auto"``.
+    """The numeric scale for ``prior_scale``: a finite number > 0, ``"auto"`` or ``"evidence"``.
 
     ``"auto"`` is ``prior.reference_scale() * 10**AUTO_SCALE_DECADES`` (1.0 without a prior or
-    for a prior whose variances are all zero).
+    for a prior whose variances are all zero); ``"evidence"`` starts there and is re-estimated
+    during the fit (:mod:`~sklearn_bayes_transfer.evidence`).
 
     Examples
     --------
@@ -261,9 +262,9 @@ def resolve_prior_scale(value: Any, prior: Prior | None, argument: str = "prior_
     (2.0, True)
     """
     if isinstance(value, str):
-        if value != "auto":
-            raise ConfigError(f"{argument}={value!r} is not valid; expected a number > 0 or 'auto' "
-                              f"(lambda_0 * 10**{AUTO_SCALE_DECADES})")
+        if value not in ("auto", "evidence"):
+            raise ConfigError(f"{argument}={value!r} is not valid; expected a number > 0, 'auto' "
+                              f"(lambda_0 * 10**{AUTO_SCALE_DECADES}) or 'evidence'")
         ref = prior.reference_scale() if prior is not None else 1.0
         if not math.isfinite(ref) or ref <= 0:
             return 1.0
@@ -271,5 +272,5 @@ def resolve_prior_scale(value: Any, prior: Prior | None, argument: str = "prior_
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
         and math.isfinite(float(value)) and float(value) > 0
     if not ok:
-        raise ConfigError(f"{argument}={value!r} is not valid; expected a finite number > 0 or 'auto'")
+        raise ConfigError(f"{argument}={value!r} is not valid; expected a finite number > 0, 'auto' or 'evidence'")
     return float(value)

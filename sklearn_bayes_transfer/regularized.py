@@ -33,6 +33,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_array
 from skorch.callbacks import Callback, PassthroughScoring
 from skorch.dataset import ValidSplit, unpack_data
+from skorch.utils import to_device
 from torch import nn
 
 from ._device import resolve_device, seeded
@@ -48,6 +49,7 @@ from ._validation import (
 from .augment import Augment, check_augment
 from .backbones import BackboneWithHead, backbone_from_meta
 from .bayes import BayesianInferenceMixin
+from .curvature import diagonal_fisher
 from .data import Preprocess, TransformedDataset, prepare_images
 from .exceptions import (
     ConfigError,
@@ -55,6 +57,8 @@ from .exceptions import (
     PriorMismatchError,
     TrainingDivergedError,
 )
+from .evidence import CURVATURE_MAX_EXAMPLES, EvidencePriorScale, resolve_scale_bounds
+from .laplace import evidence_grid, log_evidence
 from .penalty import PriorPenalty
 from .prior import Prior, PriorStructure, named_parameters_for
 from .recipe import (
@@ -123,7 +127,8 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
     #: Constraints of the hyperparameters this mixin adds (and of skorch's it relies on), checked by
     #: :meth:`fit` as scikit-learn checks ``_parameter_constraints``; subclasses add theirs.
     _parameter_constraints: dict[str, list[Any]] = {
-        "prior_scale": [Interval(Real, 0, None, closed="neither"), Options({"auto"})],
+        "prior_scale": [Interval(Real, 0, None, closed="neither"), Options({"auto", "evidence"})],
+        "prior_scale_bounds": [None, tuple, list],
         "prior_eps": [Interval(Real, 0, None, closed="left")],
         "prior_structure": [Options(PriorStructure)],
         "head_weight_decay": [Interval(Real, 0, None, closed="left")],
@@ -168,12 +173,22 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
             return PriorStructure.NONE
         return structure
 
-    def _check_prior_hyperparameters(self) -> None:
+    def _check_prior_hyperparameters(self, *, fitting: bool = True) -> None:
+        """Validate the hyperparameters; ``fitting=False`` (a rebuilt fitted model) skips what only training needs."""
         constraints = self._all_parameter_constraints()
         check_params({name: getattr(self, name) for name in constraints}, constraints)
         if isinstance(self.device, str):
             resolve_device(self.device)
         self._check_inference_hyperparameters()
+        if isinstance(self.prior_scale, str) and self.prior_scale == "evidence":
+            if fitting and self._structure() is PriorStructure.NONE:
+                raise ConfigError("prior_scale='evidence' chooses the scale of a prior term, but there is none "
+                                  "(prior_structure='none' or no prior); give a prior and a prior_structure, or a "
+                                  "numeric prior_scale")
+            resolve_scale_bounds(self.prior_scale_bounds, None)
+        if check_choice(Inference, self.inference, "inference") is Inference.LAPLACE and not self.head_weight_decay:
+            raise ConfigError("inference='laplace' needs a proper Gaussian prior on the head, head_weight_decay > 0 "
+                              "(with 0 the head's posterior has infinite variance where the data give no curvature)")
         if self.prior is None and self.module is None:
             raise ConfigError(f"{type(self).__name__} needs prior=... (a Prior or a prior file, from which the "
                               "backbone is rebuilt) or module=... (your own network)")
@@ -281,7 +296,13 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         # Planned before skorch notifies on_train_begin: the callbacks read the plan there.
         self.training_plan_ = self._plan_training(X, y, fit_params)
         self._prior_value_cache_ = self._pending_prior_steps_ = None
-        return super().partial_fit(X, y, classes=classes, **fit_params)
+        self._interrupted_ = False
+        result = super().partial_fit(X, y, classes=classes, **fit_params)
+        if self._interrupted_:
+            # skorch ends training quietly on Ctrl-C and returns the half-trained net as if fitted.
+            raise KeyboardInterrupt(f"training interrupted in epoch {len(self.history)}; the estimator is only "
+                                    "partly trained")
+        return result
 
     def _plan_training(self, X: Any, y: Any, fit_params: dict[str, Any]) -> TrainingPlan:
         """Epochs of this fit (``max_epochs``, or enough for ``min_steps`` steps) and its sampling phase."""
@@ -296,7 +317,11 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         """skorch's training loop, for ``epochs`` or else the epochs of :attr:`training_plan_`."""
         if epochs is None:
             epochs = self.training_plan_.epochs
-        return super().fit_loop(X, y, epochs=epochs, **fit_params)
+        try:
+            return super().fit_loop(X, y, epochs=epochs, **fit_params)
+        except KeyboardInterrupt:
+            self._interrupted_ = True
+            raise
 
     def _fit_inputs(self, X: Any, y: Any) -> tuple[Any, Any]:
         """Hook: checks and unpacking of ``(X, y)`` before validation (identity by default)."""
@@ -314,7 +339,7 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         """Build the default module (prior's backbone + new head) or the user's, then bind the prior."""
         if not getattr(self, "_in_fit_", False):
             # fit has checked the hyperparameters and loaded the prior already.
-            self._check_prior_hyperparameters()
+            self._check_prior_hyperparameters(fitting=False)
             self.prior_ = self._resolve_prior()
         if self.module is None:
             backbone = backbone_from_meta(self.prior_.meta)
@@ -463,7 +488,8 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
             return
         pending = self._pending_prior_steps_ or [0.0] * len(steps)
         pending = [a + b for a, b in zip(pending, steps)]
-        if inference is Inference.MAP and max(pending, default=0.0) * self.penalty_.max_precision <= LAZY_PRIOR_STEP:
+        deferrable = inference in (Inference.MAP, Inference.LAPLACE)  # no samples taken during training
+        if deferrable and max(pending, default=0.0) * self.penalty_.max_precision <= LAZY_PRIOR_STEP:
             self._pending_prior_steps_ = pending
             return
         taken = [_round_down(s, PROX_STEP_RATIO) for s in pending]
@@ -503,11 +529,98 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         first step computes it.
         """
         cached = getattr(self, "_prior_value_cache_", None)
-        if cached is None or (cached[0] != self._param_versions() and self.inference != Inference.MAP):
+        if cached is None or (cached[0] != self._param_versions()
+                              and self.inference not in (Inference.MAP, Inference.LAPLACE)):
             with torch.no_grad():
                 value = float(self.penalty_(self.prior_params_))
             self._prior_value_cache_ = (self._param_versions(), value)
         return self._prior_value_cache_[1]
+
+    # -- the evidence of the prior scale ----------------------------------------------------------
+    #: How an example's log-likelihood combines its output positions (``"mean"``: the segmenter's
+    #: per-pixel average), for the curvature.
+    _likelihood_positions = "sum"
+
+    def _likelihood_logits(self, output: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The logits of the likelihood from the module's output (the segmenter resizes them)."""
+        return output
+
+    def _set_prior_scale(self, scale: float) -> None:
+        """Use ``scale`` from now on: a new penalty (pending prior steps must be applied first)."""
+        self.prior_scale_ = float(scale)
+        self.penalty_ = PriorPenalty(self.prior_, scale=self.prior_scale_, eps=float(self.prior_eps),
+                                     structure=self._structure(), factor_dtype=_factor_dtype(self.factor_dtype))
+        self._prior_value_cache_ = self._pending_prior_steps_ = None
+
+    def _prior_residual(self) -> list[torch.Tensor]:
+        """``w - mean`` per prior parameter, float64 on the CPU."""
+        means = self.prior_.split(self.prior_.mean).values()
+        return [p.detach().to("cpu", torch.float64) - m.to(torch.float64) for p, m in zip(self.prior_params_, means)]
+
+    @torch.no_grad()
+    def _curvature(self, dataset: Any, params: list[nn.Parameter], *,
+                   max_examples: int = CURVATURE_MAX_EXAMPLES) -> tuple[list[torch.Tensor], float]:
+        """Diagonal Fisher of the summed data term over ``params``, and ``log p(D | w)``.
+
+        Both from up to ``max_examples`` examples of ``dataset`` (a random subset, then scaled to
+        all of it), with the module in evaluation mode (see :mod:`~sklearn_bayes_transfer.curvature`).
+        """
+        n = len(dataset)
+        if n > max_examples:
+            dataset = torch.utils.data.Subset(dataset, torch.randperm(n)[:max_examples].tolist())
+        inputs, log_lik = [], 0.0
+        was_training = self.module_.training
+        self.module_.eval()
+        try:
+            for Xi, yi in self.get_iterator(dataset, training=False):
+                x = to_device(Xi, self.device)
+                loss = self.get_loss(self.module_(x), to_device(yi, self.device), X=x, training=False)
+                log_lik -= float(loss) * len(x)
+                inputs.append(x)
+        finally:
+            self.module_.train(was_training)
+        with torch.enable_grad():
+            h = diagonal_fisher(self.module_, params, inputs, positions=self._likelihood_positions,
+                                logits=self._likelihood_logits, chunk_size=max(1, min(16, int(self.batch_size))))
+        factor = n / len(dataset)
+        return [t.mul_(factor) for t in h], log_lik * factor
+
+    def evidence_curve(self, X: Any, y: Any, scales: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """The Laplace log evidence of prior scales, at the fitted weights.
+
+        ``log p(y | X, lambda) ~ log p(y | X, w) - 0.5 r^T Sigma_tilde(lambda)^{-1} r
+        - 0.5 log det(I + Sigma_tilde(lambda) H)`` with the diagonal Fisher ``H`` over the backbone
+        on ``(X, y)`` (see docs/evidence.md). The weights stay those fitted at ``prior_scale_``;
+        for scales far from it the curve is a first look, not a refit.
+
+        Parameters
+        ----------
+        X, y : array-like
+            Training images and targets, as for :meth:`fit`.
+        scales : array-like of float, optional
+            Scales to evaluate (default: 4 per decade over ``prior_scale_bounds``).
+
+        Returns
+        -------
+        scales, log_evidence : numpy.ndarray
+
+        Examples
+        --------
+        >>> scales, values = clf.evidence_curve(X, y)              # doctest: +SKIP
+        >>> plt.semilogx(scales, values)                           # doctest: +SKIP
+        """
+        self._check_fitted()
+        if self.penalty_ is None:
+            raise ConfigError("evidence_curve needs a prior term; this estimator was fitted without one "
+                              "(prior_structure='none' or no prior)")
+        grid = evidence_grid(resolve_scale_bounds(self.prior_scale_bounds, self.prior_)) if scales is None \
+            else np.asarray(scales, dtype=np.float64).reshape(-1)
+        X, y = self._fit_inputs(X, y)
+        Xt, yt = self._prepare_Xy(self._validate_X(X, reset=False), y)
+        h, log_lik = self._curvature(self.get_dataset(Xt, yt), self.prior_params_)
+        values = log_evidence(self.prior_, self._prior_residual(), h, grid, eps=float(self.prior_eps),
+                              structure=self._structure(), data_term=log_lik)
+        return grid, values
 
     @property
     def _default_callbacks(self):
@@ -522,6 +635,7 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
             ("task_loss", PassthroughScoring(name="task_loss", on_train=True)),
             ("prior_nll", PassthroughScoring(name="prior_nll", on_train=True)),
             ("finite_weights", _FiniteWeightsGuard()),
+            ("evidence", EvidencePriorScale()),
             *recipe,
         ]
 

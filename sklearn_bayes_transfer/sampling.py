@@ -22,12 +22,15 @@ class Inference(str, Enum):
     - ``"map"``: the fitted weights (ordinary fine-tuning);
     - ``"swag"``: ``n_samples`` draws from a SWAG posterior collected during the last part of
       fine-tuning;
-    - ``"sgld"``: ``n_samples`` iterates of cyclical stochastic-gradient Langevin dynamics.
+    - ``"sgld"``: ``n_samples`` iterates of cyclical stochastic-gradient Langevin dynamics;
+    - ``"laplace"``: ``n_samples`` draws from the Laplace posterior at the fitted weights, with the
+      learned prior and the diagonal Fisher of the data (docs/evidence.md).
     """
 
     MAP = "map"
     SWAG = "swag"
     SGLD = "sgld"
+    LAPLACE = "laplace"
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def plan_sampling(
                       sample_every=sample_every, sgld_cycles=sgld_cycles), SAMPLING_CONSTRAINTS)
     inference, cycles = Inference(inference), int(sgld_cycles)
     max_epochs, sample_every, sample_start = int(max_epochs), int(sample_every), float(sample_start)
-    if inference is Inference.MAP:
+    if inference in (Inference.MAP, Inference.LAPLACE):  # trained as MAP; Laplace samples after training
         return SamplingPlan(inference, max_epochs, 0, ())
     start = int(math.floor(sample_start * max_epochs))
     n_epochs = max_epochs - start

@@ -131,8 +131,10 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         See :class:`SegmentationHead`.
     max_epochs, min_steps, lr, lr_schedule, warmup, batch_size, batchnorm
         The training recipe, as in :class:`~sklearn_bayes_transfer.PriorRegularizedClassifier`.
-    prior_scale, prior_eps, prior_structure, head_weight_decay, prior_update, factor_dtype
-        As in :class:`~sklearn_bayes_transfer.PriorRegularizedClassifier`.
+    prior_scale, prior_scale_bounds, prior_eps, prior_structure, head_weight_decay, prior_update, factor_dtype
+        As in :class:`~sklearn_bayes_transfer.PriorRegularizedClassifier`. With
+        ``prior_scale="evidence"`` each image's likelihood is its mean pixel log-likelihood, as
+        in the loss.
     preprocess : "auto", None, Preprocess or dict, default="auto"
         Input preprocessing. ``"auto"`` applies the prior's recorded channels and normalisation
         (or ones fitted on the training images if the prior has none) but keeps each image's
@@ -148,12 +150,13 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         ignored. Another callable receives each preprocessed image ``(C, H, W)`` and its mask
         ``(H, W)`` encoded as indices of ``classes_`` with ignored pixels equal to
         :data:`IGNORE_TARGET`, and must keep that encoding.
-    inference : {"map", "swag", "sgld"}, default="map"
+    inference : {"map", "swag", "sgld", "laplace"}, default="map"
         ``"map"``: predict with the fitted weights. ``"swag"``: collect a SWAG posterior over the
         whole network during the last part of fine-tuning and average ``predict_proba`` (per
         pixel) over ``n_samples`` draws from it. ``"sgld"``: run stochastic-gradient Langevin
         dynamics on the same loss over the last part, with a cyclical step size, and average over
-        ``n_samples`` iterates. See :mod:`sklearn_bayes_transfer.bayes`.
+        ``n_samples`` iterates. ``"laplace"``: draws from the Laplace posterior after MAP
+        fine-tuning. See :mod:`sklearn_bayes_transfer.bayes`.
     n_samples : int, default=20
         Posterior samples averaged by ``predict_proba`` (SWAG draws or SGLD iterates).
     sample_start : float, default=0.5
@@ -184,11 +187,11 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
     preprocess_ : Preprocess or None
     n_train_ : int
         Number of training images of the last fit (the ``N`` of the loss).
-    prior_scale_, prior_update_, training_plan_
+    prior_scale_, evidence_trace_, prior_update_, training_plan_
         As in :class:`~sklearn_bayes_transfer.PriorRegularizedClassifier`.
     module_ : nn.Module
     samples_, sample_buffers_ : torch.Tensor
-        With ``inference`` ``"swag"`` or ``"sgld"``: the posterior samples over
+        With ``inference`` ``"swag"``, ``"sgld"`` or ``"laplace"``: the posterior samples over
         ``module_.parameters()`` and their BatchNorm statistics (see
         :class:`~sklearn_bayes_transfer.PriorRegularizedClassifier`).
 
@@ -228,6 +231,7 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         augment: Any = "light",
         batchnorm: str = "recompute",
         prior_scale: float | str = "auto",
+        prior_scale_bounds: tuple[float, float] | None = None,
         prior_eps: float = 0.0,
         prior_structure: str = "lowrank",
         head_weight_decay: float = 1.0,
@@ -257,6 +261,7 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         self.ignore_index = ignore_index
         self.head = head
         self.prior_scale = prior_scale
+        self.prior_scale_bounds = prior_scale_bounds
         self.prior_eps = prior_eps
         self.prior_structure = prior_structure
         self.head_weight_decay = head_weight_decay
@@ -384,6 +389,12 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
             raise ConfigError(f"the module returned logits of shape {tuple(y_pred.shape)}; a segmenter's module must "
                               f"return (N, n_classes={n_classes}, H, W)")
         return super().get_loss(resize_logits(y_pred, tuple(y_true.shape[-2:])), y_true, X=X, training=training)
+
+    #: Each image's likelihood is its mean pixel log-likelihood, as in the loss.
+    _likelihood_positions = "mean"
+
+    def _likelihood_logits(self, output: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return resize_logits(output, tuple(inputs.shape[-2:]))
 
     def _task_loss(self, y_pred, y_true, X=None, training=False):
         if not bool((y_true != IGNORE_TARGET).any()):

@@ -304,7 +304,7 @@ def test_extras_that_do_not_fit_the_network_are_refused(digits, cnn_prior):
 # -- bad input --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("params, match", [
     (dict(n_samples=0), r"n_samples=0 is not valid; expected an integer >= 1"),
-    (dict(inference="laplace"), r"inference='laplace' is not valid; expected one of 'map', 'swag', 'sgld'"),
+    (dict(inference="ensemble"), r"inference='ensemble' is not valid; expected one of 'map', 'swag', 'sgld', 'laplace'"),
     (dict(inference="sgld", sgld_temperature=-0.5), r"temperature=-0.5 is not valid; expected a finite number >= 0"),
     (dict(sample_start=1.0, inference="swag"), r"sample_start=1.0 is not valid"),
     (dict(inference="swag", max_epochs=2), r"would collect 1 SWAG snapshot.*at least 2.*max_epochs"),

@@ -66,7 +66,9 @@ def test_file_is_plain_version_1_payload(prior_with_buffers, tmp_path):
     path = prior_with_buffers.save(tmp_path / "prior.pt")
     payload = torch.load(path, weights_only=True)
     assert payload["format"] == FORMAT_NAME and payload["version"] == FORMAT_VERSION == 1
-    assert set(payload) == {"format", "version", "names", "shapes", "mean", "variance", "factor", "buffers", "meta"}
+    assert set(payload) == {"format", "version", "names", "shapes", "mean", "variance", "factor", "buffers", "meta",
+                            "digest"}
+    assert payload["digest"] == prior_with_buffers.digest()
     assert payload["shapes"] == [list(s) for s in prior_with_buffers.shapes]
 
 
