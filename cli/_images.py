@@ -58,6 +58,8 @@ def image_file_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             width, height = image.size
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image '{path}' is refused: {exc}; resize it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise DataError(f"'{path}' is not an image file Pillow can read; remove it or move it out of the "
                         "way") from None

@@ -634,6 +634,9 @@ def _open(path: Path) -> Image.Image:
         raise DataError(
             f"'{path}' is not an image file Pillow can read; remove it or move it out of the folder"
         ) from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image '{path}' is refused: {exc}; resize it, or raise PIL.Image.MAX_IMAGE_PIXELS if it "
+                        "is genuine") from None
     except (OSError, ValueError, SyntaxError) as exc:
         if image is not None:
             image.close()

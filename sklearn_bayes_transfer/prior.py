@@ -550,6 +550,22 @@ class _OfficialFiles:
     covmat: torch.Tensor                      # (K, D) deviation rows
 
 
+def _check_values(tensor: torch.Tensor, path: Path, *, non_negative: bool = False) -> None:
+    """Finite values (and, for a variance, none below 0), or an error naming the file, the place and the value."""
+    if not tensor.is_floating_point():
+        raise PriorFormatError(f"'{path}' holds {tensor.dtype} values; expected floating point")
+    flat = tensor.reshape(-1)
+    bad = ~torch.isfinite(flat)
+    if bad.any():
+        index = int(bad.nonzero()[0])
+        raise PriorFormatError(f"'{path}' holds non-finite values ({int(bad.sum())} of {flat.numel()}; the first, "
+                               f"{float(flat[index])} (NaN or Inf), at flat index {index})")
+    if non_negative and flat.numel() and float(flat.min()) < 0:
+        index = int(flat.argmin())
+        raise PriorFormatError(f"'{path}' holds negative variances ({int((flat < 0).sum())} of {flat.numel()}; the "
+                               f"smallest, {float(flat[index]):g}, at flat index {index}); a variance must be >= 0")
+
+
 def _read_official(prefix: str) -> _OfficialFiles:
     """The four files (``weights_only`` loads), checked against each other; errors name the file."""
     paths = {part: Path(f"{prefix}_{part}.pt") for part in ("model", "mean", "variance", "covmat")}
@@ -569,6 +585,7 @@ def _read_official(prefix: str) -> _OfficialFiles:
         t = safe_torch_load(paths[part], what=f"official {part} file")
         if not isinstance(t, torch.Tensor):
             raise PriorFormatError(f"'{paths[part]}' must hold one tensor, found {type(t).__name__}")
+        _check_values(t.detach(), paths[part], non_negative=part == "variance")
         tensors[part] = t.detach()
     mean = tensors["mean"].reshape(-1).to(torch.float32)
     diag = tensors["variance"].reshape(-1).to(torch.float32)
