@@ -1,4 +1,5 @@
-"""``bt-transfer convert-official``: import a prior released with the paper's code."""
+"""``bt-transfer convert`` (between the two prior file formats) and ``convert-official`` (import a prior
+released with the paper's code)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,24 @@ from sklearn_bayes_transfer.prior import FactorNormalization, Prior
 
 from ._app import app, check_output, console, handle_errors
 
-__all__ = ["convert_official"]
+__all__ = ["convert", "convert_official"]
+
+
+@app.command("convert")
+@handle_errors
+def convert(
+    prior: Annotated[Path, typer.Argument(help="Prior file, in either format (read by content).")],
+    out: Annotated[Path, typer.Argument(help="Prior file to write: safetensors for a name ending in .safetensors, "
+                                        "else a torch file.")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+) -> None:
+    """Convert a prior between the torch and the safetensors file formats (same content, same digest)."""
+    check_output(out, force, inputs=(prior,))
+    loaded = Prior.load(prior)
+    loaded.save(out, overwrite=force)
+    kind = "safetensors" if str(out).endswith(".safetensors") else "torch"
+    console.print(f"wrote {out} ({kind}): D = {loaded.n_params:,}, K = {loaded.rank}, digest {loaded.digest()[:12]}",
+                  highlight=False)
 
 
 @app.command("convert-official")

@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from sklearn_bayes_transfer._io import safe_torch_load
 from sklearn_bayes_transfer.modelfile import MODEL_FORMAT_NAME, model_summary
 from sklearn_bayes_transfer.prior import Prior
 
@@ -61,7 +60,7 @@ def inspect(
 ) -> None:
     """Show a prior's backbone, size, variance statistics and reference scale lambda_0, or a model's
     estimator, prior scale (with the evidence trace of --prior-scale evidence) and posterior samples."""
-    payload = safe_torch_load(prior_path, what="prior file", mmap=True)
+    payload = Prior.read_payload(prior_path)
     if isinstance(payload, dict) and payload.get("format") == MODEL_FORMAT_NAME:
         _print_model(model_summary(prior_path), as_json)
         return

@@ -158,6 +158,10 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "file", mmap: bool =
         with warnings.catch_warnings():
             # torch warns about a foreign pickle protocol just before refusing the file; our error says it.
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            if path.suffix == ".safetensors":
+                # torch.load hands a path with this suffix to safetensors; read the bytes ourselves.
+                with open(path, "rb") as f:
+                    return torch.load(f, map_location="cpu", weights_only=True)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
         detail = _unpickler_detail(str(exc))

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import atomic_torch_save, safe_torch_load
+from ._io import atomic_torch_save, check_input_file, safe_torch_load
+from ._safetensors import is_safetensors, read_safetensors, write_safetensors
 from ._validation import check_choice, mismatch_report, plain
 from ._version import __version__
 from .exceptions import ConfigError, PriorFormatError, PriorMismatchError
@@ -436,12 +437,32 @@ class Prior:
             h.update(flat.view(torch.uint8).numpy())
         return h.hexdigest()
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True, file_format: str | None = None) -> Path:
         """Write the prior atomically (temporary file, then rename).
 
-        With ``overwrite=False`` an existing file is refused with :class:`OutputExistsError`.
+        ``file_format`` is ``"torch"`` (a ``torch.save`` dict) or ``"safetensors"`` (the tensors with
+        safetensors, everything else in its JSON header); by default, safetensors for a path ending
+        in ``.safetensors``. Both hold the same content and :meth:`load` reads either. With
+        ``overwrite=False`` an existing file is refused with :class:`OutputExistsError`.
         """
-        return atomic_torch_save(self.to_dict(), path, overwrite=overwrite)
+        kind = file_format or ("safetensors" if str(path).endswith(".safetensors") else "torch")
+        if kind == "torch":
+            payload = self.to_dict()
+            # Tensors viewing a mapped safetensors file share one storage, which torch.save cannot
+            # write as several dtypes: give each its own.
+            for key in ("mean", "variance", "factor"):
+                payload[key] = _own_storage(payload[key])
+            payload["buffers"] = {k: _own_storage(v) for k, v in payload["buffers"].items()}
+            return atomic_torch_save(payload, path, overwrite=overwrite)
+        if kind != "safetensors":
+            raise ConfigError(f"file_format={file_format!r} is not valid; expected 'torch' or 'safetensors'")
+        payload = self.to_dict()
+        tensors = {"mean": payload["mean"], "variance": payload["variance"], "factor": payload["factor"],
+                   **{f"buffers/{k}": v for k, v in payload["buffers"].items()}}
+        metadata = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "names": json.dumps(payload["names"]),
+                    "shapes": json.dumps(payload["shapes"]), "meta": json.dumps(payload["meta"]),
+                    "buffers": json.dumps(sorted(payload["buffers"])), "digest": payload["digest"]}
+        return write_safetensors(tensors, metadata, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True) -> "Prior":
@@ -455,8 +476,19 @@ class Prior:
         PriorFormatError
             Naming the file and what is wrong with it.
         """
-        payload = safe_torch_load(path, what="prior file", mmap=mmap)
-        return cls.from_dict(payload, source=str(path), verify=verify)
+        return cls.from_dict(cls.read_payload(path, mmap=mmap), source=str(path), verify=verify)
+
+    @staticmethod
+    def read_payload(path: str | os.PathLike, *, mmap: bool = True) -> Any:
+        """The file's raw content as :meth:`from_dict` reads it, from either format, without checking it.
+
+        A torch file gives whatever dict it holds (``weights_only``), a safetensors prior its
+        tensors with the header decoded; any other file raises :class:`PriorFormatError`.
+        """
+        check_input_file(path, "prior file", PriorFormatError)
+        if is_safetensors(path):
+            return _safetensors_payload(path)
+        return safe_torch_load(path, what="prior file", mmap=mmap)
 
     @classmethod
     def from_dict(cls, payload: Any, *, source: str = "<dict>", verify: bool = True) -> "Prior":
@@ -525,6 +557,34 @@ class Prior:
         files = _read_official(str(prefix))
         detected, ratio = _detect_normalization(files, normalization)
         return _convert_official(cls, files, normalization, detected, ratio, backbone)
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole and tensor.storage_offset() == 0 else tensor.clone()
+
+
+def _safetensors_payload(path: str | os.PathLike) -> dict[str, Any]:
+    """A safetensors prior as the dict :meth:`Prior.from_dict` reads (its header's strings decoded)."""
+    tensors, metadata = read_safetensors(path, what="prior file", error=PriorFormatError)
+    if metadata.get("format") != FORMAT_NAME:
+        found = metadata.get("format", "no 'format' entry")
+        raise PriorFormatError(f"prior file '{path}' is a safetensors file but not a sklearn-bayes-transfer prior "
+                               f"(format: {found!r})")
+    try:
+        version = int(metadata.get("version", ""))
+        decoded = {key: json.loads(metadata[key]) for key in ("names", "shapes", "meta", "buffers")}
+    except (KeyError, ValueError) as exc:
+        raise PriorFormatError(f"prior file '{path}': its safetensors header lacks or garbles {exc}") from None
+    if not isinstance(decoded["buffers"], list) or any(f"buffers/{b}" not in tensors for b in decoded["buffers"]):
+        raise PriorFormatError(f"prior file '{path}': its header lists buffers that the file does not hold")
+    missing = [k for k in ("mean", "variance", "factor") if k not in tensors]
+    if missing:
+        raise PriorFormatError(f"prior file '{path}': missing tensor(s) {', '.join(missing)}")
+    return {"format": FORMAT_NAME, "version": version, "names": decoded["names"], "shapes": decoded["shapes"],
+            "mean": tensors["mean"], "variance": tensors["variance"], "factor": tensors["factor"],
+            "buffers": {b: tensors[f"buffers/{b}"] for b in decoded["buffers"]}, "meta": decoded["meta"],
+            "digest": metadata.get("digest")}
 
 
 def _check_buffers(buffers: Mapping[str, torch.Tensor]) -> None:
