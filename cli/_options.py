@@ -6,6 +6,7 @@ The recipe's defaults are the estimators' (:mod:`sklearn_bayes_transfer.recipe`)
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Optional
 
 import typer
@@ -43,6 +44,7 @@ __all__ = [
     "check_options",
     "load_geometry",
     "parse_image_size",
+    "parse_backbone_kwargs",
     "parse_prior_scale",
     "recipe_arguments",
 ]
@@ -153,3 +155,16 @@ def load_geometry(prior: Prior, size: int | tuple[int, int] | None, *, resize_to
         return "auto", recorded.get("image_size") if resize_to_prior else None, recorded.get("channels")
     pair = [size, size] if isinstance(size, int) else list(size)
     return {**recorded, "image_size": pair}, size, recorded.get("channels")
+
+
+def parse_backbone_kwargs(text: Optional[str]) -> dict[str, Any] | None:
+    """``--backbone-kwargs``: a JSON object, or ``None`` when not given."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--backbone-kwargs must be a JSON object such as '{{\"width\": 8}}': {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--backbone-kwargs must be a JSON object such as '{{\"width\": 8}}', got {text!r}")
+    return value

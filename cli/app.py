@@ -8,6 +8,7 @@ from ._app import app
 from . import inspect_cmd  # noqa: F401,E402
 from . import convert_cmd  # noqa: F401,E402
 from . import fit_prior_cmd  # noqa: F401,E402
+from . import make_prior_cmd  # noqa: F401,E402
 from . import finetune_cmd  # noqa: F401,E402
 from . import predict_cmd  # noqa: F401,E402
 from . import evaluate_cmd  # noqa: F401,E402

@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.fitter import PriorFitter, SourceTask
 from sklearn_bayes_transfer.optim import OptimizerName
 
 from ._app import app, check_output, console, handle_errors, resolve_device
-from ._options import parse_image_size
+from ._options import parse_backbone_kwargs, parse_image_size
 
 __all__ = ["fit_prior"]
-
-
-def _parse_kwargs(text: Optional[str]) -> dict[str, Any] | None:
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--backbone-kwargs must be a JSON object such as '{{\"width\": 8}}': {exc}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"--backbone-kwargs must be a JSON object such as '{{\"width\": 8}}', got {text!r}")
-    return value
 
 
 @app.command("fit-prior")
@@ -62,7 +48,7 @@ def fit_prior(
     """Train a backbone on source images, collect a SWAG posterior and save it as a prior file."""
     check_output(out, force)  # before training, not after minutes of it
     fitter = PriorFitter(
-        backbone=backbone, backbone_kwargs=_parse_kwargs(backbone_kwargs), source_task=task,
+        backbone=backbone, backbone_kwargs=parse_backbone_kwargs(backbone_kwargs), source_task=task,
         max_epochs=max_epochs, swag_start=swag_start, rank=rank, collect_every=collect_every, lr=lr, optimizer=optimizer.value,
         swag_lr=swag_lr, batch_size=batch_size, image_size=parse_image_size(image_size),
         device=resolve_device(device), random_state=random_state, verbose=0 if quiet else 1,

@@ -25,6 +25,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from ._io import safe_torch_load
 from ._validation import mismatch_report, plain
 from .exceptions import ConfigError
+from .timm_backbones import TIMM_PREFIX, build_timm_backbone
 
 __all__ = [
     "BackboneWithHead",
@@ -222,8 +223,21 @@ def register_backbone(name: str, builder: Callable[..., nn.Module]) -> None:
     _REGISTRY[name] = builder
 
 
+def _builder(name: str) -> Callable[..., nn.Module] | None:
+    """The builder behind ``name``: registered, or ``timm:<model>`` (built by timm), else ``None``."""
+    if isinstance(name, str) and name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX):
+        model_name = name[len(TIMM_PREFIX):]
+
+        def build(in_channels: int = 3, small_input: bool = False, weights: Any = None, **kwargs: Any) -> nn.Module:
+            return build_timm_backbone(model_name, in_channels=in_channels, small_input=small_input,
+                                       weights=weights, **kwargs)
+
+        return build
+    return _REGISTRY.get(name) if isinstance(name, str) else None
+
+
 def list_backbones() -> list[str]:
-    """Names accepted by :func:`get_backbone`, sorted.
+    """Names accepted by :func:`get_backbone`, sorted (besides ``timm:<any timm model>``).
 
     Examples
     --------
@@ -233,23 +247,29 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def backbone_arguments(name: str) -> tuple[str, ...] | None:
-    """Keyword arguments the registered backbone ``name`` accepts (``None``: any, ``**kwargs``).
+def backbone_arguments(name: str) -> tuple[str, ...]:
+    """Keyword arguments the backbone ``name`` names (a builder with ``**kwargs`` takes others too).
 
     Examples
     --------
     >>> backbone_arguments("small_cnn")
     ('in_channels', 'width', 'depth')
+    >>> backbone_arguments("timm:resnet18")
+    ('in_channels', 'small_input', 'weights')
     """
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown backbone {name!r}; registered backbones are {', '.join(list_backbones())}")
+    params = _builder_parameters(name)
+    return tuple(n for n, p in params.items() if p.kind is not p.VAR_KEYWORD)
+
+
+def _builder_parameters(name: str) -> Mapping[str, inspect.Parameter]:
+    builder = _builder(name)
+    if builder is None:
+        raise ConfigError(f"unknown backbone {name!r}; registered backbones are {', '.join(list_backbones())} "
+                          "(and timm:<model name>)")
     try:
-        params = inspect.signature(_REGISTRY[name]).parameters
+        return inspect.signature(builder).parameters
     except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return None
-    return tuple(params)
+        return {"kwargs": inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)}
 
 
 def get_backbone(name: str, **kwargs: Any) -> nn.Module:
@@ -271,10 +291,10 @@ def get_backbone(name: str, **kwargs: Any) -> nn.Module:
     >>> net.backbone_name, net.backbone_kwargs, net.feature_dim
     ('resnet18', {'in_channels': 1, 'small_input': True}, 512)
     """
-    if name not in _REGISTRY:
+    builder = _builder(name)
+    if builder is None:
         raise ConfigError(f"unknown backbone {name!r}; registered backbones are {', '.join(list_backbones())} "
-                          "(or pass an nn.Module, or register one with register_backbone)")
-    builder = _REGISTRY[name]
+                          "and timm:<model name> (or pass an nn.Module, or register one with register_backbone)")
     kwargs = _checked_kwargs(name, kwargs)
     module = builder(**kwargs)
     if not isinstance(module, nn.Module):
@@ -301,7 +321,7 @@ def backbone_meta(module: nn.Module) -> dict[str, Any] | None:
     True
     """
     name = getattr(module, "backbone_name", None)
-    if not isinstance(name, str) or name not in _REGISTRY:
+    if _builder(name) is None:
         return None
     kwargs = dict(getattr(module, "backbone_kwargs", None) or {})
     return {"backbone": name, "backbone_kwargs": kwargs}
@@ -323,7 +343,7 @@ def backbone_from_meta(meta: Mapping[str, Any]) -> nn.Module:
     16
     """
     name = meta.get("backbone")
-    if not isinstance(name, str) or name not in _REGISTRY:
+    if _builder(name) is None:
         raise ConfigError(f"the prior's backbone {name!r} is not a registered backbone, so it cannot be rebuilt "
                           f"from the prior alone; pass the nn.Module it was fitted on (registered: "
                           f"{', '.join(list_backbones())})")
@@ -371,8 +391,10 @@ def _checked_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"backbone argument {key}={value!r} is a {type(value).__name__}; backbone arguments "
                               "are stored in prior files and must be plain python (str, int, float, bool, None, "
                               "lists and dicts of them)") from None
+    params = _builder_parameters(name)
     accepted = backbone_arguments(name)
-    unknown = sorted(set(kwargs) - set(accepted)) if accepted is not None else []
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = [] if open_ended else sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ConfigError(f"backbone {name!r} does not accept {', '.join(unknown)}; "
                           f"its arguments are {', '.join(accepted) or '(none)'}")
@@ -386,8 +408,30 @@ def _check_in_channels(in_channels: Any) -> int:
     return in_channels
 
 
+def _torchvision_state(weights: str, name: str) -> dict[str, torch.Tensor]:
+    """A torchvision weights name (``"IMAGENET1K_V2"``, ``"DEFAULT"``) through torchvision's own download."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(name)
+    try:
+        entry = enum[weights]
+    except KeyError:
+        raise ConfigError(f"weights={weights!r} is neither a file nor a torchvision weights name for {name} "
+                          f"(those are {', '.join(enum.__members__)})") from None
+    try:
+        return entry.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(entry.url))
+        raise ConfigError(f"could not get torchvision's {enum.__name__}.{weights} ({str(exc)[:120]}); offline, "
+                          f"download {entry.url} and put it at {target}, or pass weights=<path of the file>") \
+            from None
+
+
 def _load_torchvision_weights(module: ResNetBackbone, path: str | os.PathLike, name: str) -> None:
-    state = safe_torch_load(path, what="backbone weights file", error=ConfigError)
+    if isinstance(path, str) and not os.path.exists(path) and os.sep not in path and not os.path.splitext(path)[1]:
+        state = _torchvision_state(path, name)
+    else:
+        state = safe_torch_load(path, what="backbone weights file", error=ConfigError)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -422,8 +466,8 @@ def _resnet_builder(name: str, block: type[BasicBlock] | type[Bottleneck],
         return module
 
     build.__name__ = f"build_{name}"
-    build.__doc__ = (f"torchvision {name} backbone (random init, or a torchvision state dict file via "
-                     "``weights``).")
+    build.__doc__ = (f"torchvision {name} backbone (random init, or ``weights``: a torchvision state dict file "
+                     "or a torchvision weights name such as 'IMAGENET1K_V1').")
     return build
 
 

@@ -31,6 +31,7 @@ from .exceptions import ConfigError, PriorFormatError, PriorMismatchError
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "IMAGENET_PREPROCESS",
     "FactorNormalization",
     "Prior",
     "PriorStructure",
@@ -39,6 +40,9 @@ __all__ = [
 
 FORMAT_NAME = "sklearn-bayes-transfer/prior"
 FORMAT_VERSION = 1
+#: The preprocessing torchvision's and the paper's ImageNet weights were trained with (prior ``meta``).
+IMAGENET_PREPROCESS = {"image_size": [224, 224], "channels": 3, "mean": [0.485, 0.456, 0.406],
+                       "std": [0.229, 0.224, 0.225]}
 
 _FACTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -706,8 +710,7 @@ def _convert_official(cls: type, files: _OfficialFiles, asked: FactorNormalizati
     meta = {
         "backbone": backbone, "backbone_kwargs": {}, "method": "swag", "source_task": "official-import",
         "n_snapshots": None, "rank": k, "library_version": __version__, "created": _now(),
-        "preprocess": {"image_size": [224, 224], "channels": 3,
-                       "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "preprocess": dict(IMAGENET_PREPROCESS),
         "import": {"prefix": files.prefix, "factor_normalization": detected.value,
                    "detected": asked is FactorNormalization.AUTO,
                    "row_sq_sum_over_variance_median": ratio, "mean_matches_model": mean_matches,
