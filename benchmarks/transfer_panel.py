@@ -9,13 +9,13 @@ Every number comes from what a user runs, in-process through the Typer app (the 
 ``bt-transfer`` script): ``fit-prior --data SOURCE --out prior.pt --backbone small_cnn`` (the defaults
 but a CPU-sized backbone), then per task, labels per class and seed, on PNG folders written here:
 
-- ``finetune --prior prior.pt --data train/`` (the learned prior at its default scale),
-- ``finetune ... --prior-structure none`` (standard fine-tuning through the same recipe),
-- ``tune --prior prior.pt --data train/ --out best.pt --n-jobs CORES`` (the default grid, standard FT
-  included; ``--n-jobs`` only spreads the seeded fits over the cores),
-- ``evaluate --model M --data test/ --json`` for each of them,
+- ``compare --data train/ --test test/ --prior prior.pt --scale auto --scale cv``: standard
+  fine-tuning through the same recipe, the learned prior at ``finetune``'s default scale, and the
+  scale chosen by ``tune``'s cross-validated grid (standard FT included as a candidate), each scored on
+  the test folder, beside logistic regression (scikit-learn's defaults) and 1-nearest-neighbour on
+  the raw pixels,
 
-beside logistic regression (scikit-learn's defaults) and 1-nearest-neighbour on the raw pixels, a
+and, computed here, a
 linear probe on the prior's frozen features (the backbone at the prior mean), and a hand-written
 PyTorch fine-tune of the same backbone (SGD with Nesterov momentum, weight decay, warm-up and cosine
 decay from ``torch.optim.lr_scheduler``, random crops, label smoothing, BatchNorm statistics
@@ -56,7 +56,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn_bayes_transfer.cli.app import app
@@ -148,14 +147,6 @@ def write_pairs(root: Path, images: np.ndarray, masks: np.ndarray) -> tuple[Path
 
 
 # -- baselines ------------------------------------------------------------------------------------------------
-def pixel_baselines(train: Path, test: Path) -> dict[str, float]:
-    Xtr, ytr = load_image_folder(train)
-    Xte, yte = load_image_folder(test)
-    Xtr, Xte = Xtr.reshape(len(Xtr), -1), Xte.reshape(len(Xte), -1)
-    return {"logistic regression (pixels)": LogisticRegression(max_iter=5000).fit(Xtr, ytr).score(Xte, yte),
-            "1-NN (pixels)": KNeighborsClassifier(1).fit(Xtr, ytr).score(Xte, yte)}
-
-
 def prior_inputs(prior: Prior, folder: Path) -> tuple[torch.Tensor, np.ndarray]:
     """A folder's images as the prior's backbone saw its source: resized, channels, normalised."""
     pre = prior.meta["preprocess"]
@@ -265,20 +256,15 @@ def run_classification(name: str, task: dict, work: Path, shots_list: list[int],
             train_idx, test_idx = few_shot_split(y, shots, seed)
             train = write_folder(root / "train", X[train_idx], y[train_idx])
             test = write_folder(root / "test", X[test_idx], y[test_idx])
-            common = ["--prior", prior_path, "--data", train, "--random-state", seed, "--quiet", "--force"]
-            runs = {"finetune, learned prior (defaults)": [],
-                    "finetune, standard (--prior-structure none)": ["--prior-structure", "none"]}
-            row = {}
-            for label, extra in runs.items():
-                model = root / "model.pt"
-                cli("finetune", *common, "--out", model, *extra)
-                row[label] = evaluate(model, test)
-            if with_tune:
-                model = root / "tuned.pt"
-                # --n-jobs only spreads the candidates over the cores: each fit is seeded, results do not change.
-                cli("tune", *common, "--out", model, "--json", "--n-jobs", str(os.cpu_count() or 1))
-                row["tune (defaults), best refitted"] = evaluate(model, test)
-            row.update(pixel_baselines(train, test))
+            # --n-jobs only spreads the grid's fits over the cores: each fit is seeded, results do not change.
+            scales = ["--scale", "auto", *(["--scale", "cv"] if with_tune else [])]
+            compared = json.loads(cli("compare", "--data", train, "--test", test, "--prior", prior_path, *scales,
+                                      "--seeds", "1", "--random-state", seed, "--n-jobs", os.cpu_count() or 1,
+                                      "--json", "--quiet"))["rows"]
+            names = {"standard fine-tuning": "finetune, standard (--prior-structure none)",
+                     f"{prior_path.name}, scale auto": "finetune, learned prior (defaults)",
+                     f"{prior_path.name}, scale cv": "tune (defaults), best refitted"}
+            row = {names.get(r["name"], r["name"]): r["runs"][0]["accuracy"] for r in compared}
             row["linear probe (prior features)"] = linear_probe(prior, train, test)
             row["hand-written PyTorch fine-tune"] = hand_written_finetune(prior, train, test,
                                                                           planned_steps(len(train_idx)), seed)

@@ -13,6 +13,7 @@ from . import finetune_cmd  # noqa: F401,E402
 from . import predict_cmd  # noqa: F401,E402
 from . import evaluate_cmd  # noqa: F401,E402
 from . import tune_cmd  # noqa: F401,E402
+from . import compare_cmd  # noqa: F401,E402
 from . import demo_cmd  # noqa: F401,E402
 
 __all__ = ["app", "main"]

@@ -109,3 +109,31 @@ def test_make_prior_builds_an_isotropic_prior_around_given_weights(tmp_path):
                                        str(tmp_path / "x.pt")]), "--variance")
     one_line_error(runner.invoke(app, ["make-prior", "--backbone", "resnet18", "--weights", str(tmp_path / "no.pt"),
                                        "--variance", "1", "--out", str(tmp_path / "y.pt")]), "no.pt")
+
+
+def test_compare_prints_one_table_with_the_baselines(tmp_path):
+    data = write_folder(tmp_path / "train", 4, size=(8, 8))
+    test = write_folder(tmp_path / "test", 3, size=(8, 8), seed=1)
+    priors = []
+    for width in (4, 8):
+        priors.append(Prior.from_module(get_backbone("small_cnn", width=width), variance=0.01)
+                      .save(tmp_path / f"p{width}.pt"))
+    plot = tmp_path / "chart.png"
+    args = ["compare", "--data", str(data), "--test", str(test), "--prior", str(priors[0]), "--prior", str(priors[1]),
+            "--scale", "auto", "--scale", "evidence", "--seeds", "2", "--max-epochs", "2", "--batch-size", "4",
+            "--json", "--plot", str(plot)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    names = [r["name"] for r in rows]
+    assert names == ["standard fine-tuning", "p4.pt, scale auto", "p4.pt, scale evidence", "p8.pt, scale auto",
+                     "p8.pt, scale evidence", "logistic regression (pixels)", "1-NN (pixels)"]
+    assert all(len(r["runs"]) == 2 for r in rows[:5]) and [r["seed"] for r in rows[1]["runs"]] == [0, 1]
+    for row in rows:
+        for run in row["runs"]:
+            assert 0 <= run["accuracy"] <= 1 and run["nll"] >= 0 and 0 <= run["ece"] <= 1
+    assert rows[0]["runs"][0]["prior_scale"] is None and rows[2]["runs"][0]["prior_scale"] > 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    one_line_error(runner.invoke(app, args), "--force")  # the plot exists now
+    one_line_error(runner.invoke(app, ["compare", "--data", str(data), "--test", str(tmp_path / "none"),
+                                       "--prior", str(priors[0])]), "none")
