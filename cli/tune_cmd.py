@@ -10,6 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
+import joblib
 import numpy as np
 import typer
 from rich.table import Table
@@ -142,7 +143,11 @@ def tune(
     batchnorm: BatchNormOption = RECIPE_DEFAULTS["batchnorm"],
     image_size: Annotated[Optional[str], typer.Option(
         help="Resize images to N or HxW pixels (default: the size recorded in the prior).")] = None,
-    n_jobs: Annotated[int, typer.Option(help="Parallel fits (GridSearchCV n_jobs).")] = 1,
+    n_jobs: Annotated[int, typer.Option(help="Parallel fits on this machine (GridSearchCV n_jobs).")] = 1,
+    scheduler: Annotated[Optional[str], typer.Option(
+        help="Address of a Dask scheduler (tcp://host:8786) to run the fits on its workers instead; they need the "
+             "prior file at the same path (it travels by reference) and sklearn-bayes-transfer[distributed].")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     random_state: Annotated[int, typer.Option(help="Random seed (folds, initialisation, shuffling).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result table as JSON.")] = False,
@@ -191,7 +196,8 @@ def tune(
                           refit=choose if out is not None else False, error_score="raise")
     n_candidates = sum(len(g.get("prior_scale", [None])) * len(g["prior_structure"]) for g in grid)
     status = f"fitting {n_candidates} candidates x {cv} folds on {len(y)} images ..."
-    with console.status(status, spinner="dots") if not quiet and not as_json else contextlib.nullcontext():
+    with console.status(status, spinner="dots") if not quiet and not as_json else contextlib.nullcontext(), \
+            _dask_backend(scheduler, search):
         search.fit(X, y)
         baseline = _pixel_baseline(X, y, folds, scoring)
     rows = results_table(search.cv_results_)
@@ -256,3 +262,26 @@ def _tune_by_evidence(estimator: PriorRegularizedClassifier, structures: list[st
         save_model(fitted[best], out, overwrite=force)
         if not as_json:
             console.print(f"wrote {out} (the chosen fit, on all {len(y)} images)", highlight=False)
+
+
+@contextlib.contextmanager
+def _dask_backend(address: str | None, search: GridSearchCV):
+    """Run the search's fits on a Dask cluster (``--scheduler``), or do nothing without an address."""
+    if address is None:
+        yield
+        return
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise ConfigError("--scheduler needs Dask: pip install 'sklearn-bayes-transfer[distributed]'") from None
+    try:
+        client = Client(address, timeout="10s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ConfigError(f"--scheduler {address}: no Dask scheduler answers there ({str(exc)[:120]}); start one "
+                          "(dask scheduler) or check the address") from None
+    search.set_params(n_jobs=-1)
+    try:
+        with joblib.parallel_backend("dask"):
+            yield
+    finally:
+        client.close()

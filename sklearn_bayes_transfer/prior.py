@@ -153,7 +153,7 @@ class Prior:
     (8, 0)
     """
 
-    __slots__ = ("_mean", "_variance", "_factor", "_names", "_shapes", "_buffers", "_meta")
+    __slots__ = ("_mean", "_variance", "_factor", "_names", "_shapes", "_buffers", "_meta", "_source")
 
     def __init__(
         self,
@@ -205,6 +205,7 @@ class Prior:
         self._buffers = {str(k): _as_tensor(v, f"buffers[{k!r}]") for k, v in dict(buffers or {}).items()}
         _check_buffers(self._buffers)
         self._meta = plain(dict(meta or {}), "meta", error=PriorFormatError)
+        self._source: _FileSource | None = None
 
     # -- read-only views -------------------------------------------------------------------
     @property
@@ -275,16 +276,35 @@ class Prior:
         return self
 
     def __getstate__(self) -> dict:
-        return {k: getattr(self, k) for k in self.__slots__}
+        return {k: getattr(self, k) for k in self.__slots__ if k != "_source"}
 
     def __setstate__(self, state: dict) -> None:
+        object.__setattr__(self, "_source", None)
         for k, v in state.items():
             object.__setattr__(self, k, v)
+
+    def __reduce__(self) -> tuple:
+        """Pickle by reference when loaded from a file and unchanged since: its path and content digest.
+
+        Search workers (joblib, Dask) then memory-map the file instead of receiving the tensors
+        with every candidate; a worker that cannot read the file, or finds other content there,
+        raises :class:`PriorFormatError` naming the path. Other priors pickle their tensors.
+        """
+        source = self._source
+        if source is not None and source.versions == self._versions():
+            return (_prior_from_file, (source.path, source.digest))
+        return (_prior_from_state, (self.__getstate__(),))
+
+    def _versions(self) -> tuple[int, ...]:
+        """In-place modification counters of every tensor (they change if anyone writes into one)."""
+        tensors = (self._mean, self._variance, self._factor, *self._buffers.values())
+        return tuple(t._version for t in tensors)
 
     def _replace(self, **changes: Any) -> "Prior":
         new = object.__new__(Prior)
         for k in self.__slots__:
             object.__setattr__(new, k, changes.get(k, getattr(self, k)))
+        object.__setattr__(new, "_source", None)  # derived content is not the file's
         return new
 
     # -- derived quantities -------------------------------------------------------------------
@@ -480,7 +500,12 @@ class Prior:
         PriorFormatError
             Naming the file and what is wrong with it.
         """
-        return cls.from_dict(cls.read_payload(path, mmap=mmap), source=str(path), verify=verify)
+        payload = cls.read_payload(path, mmap=mmap)
+        prior = cls.from_dict(payload, source=str(path), verify=verify)
+        digest = payload.get("digest") if isinstance(payload, dict) else None
+        if isinstance(digest, str):
+            object.__setattr__(prior, "_source", _FileSource(os.path.realpath(path), digest, prior._versions()))
+        return prior
 
     @staticmethod
     def read_payload(path: str | os.PathLike, *, mmap: bool = True) -> Any:
@@ -561,6 +586,42 @@ class Prior:
         files = _read_official(str(prefix))
         detected, ratio = _detect_normalization(files, normalization)
         return _convert_official(cls, files, normalization, detected, ratio, backbone)
+
+
+@dataclass(frozen=True)
+class _FileSource:
+    """Where a loaded prior came from: the file, its stored digest, and its tensors' versions at load."""
+
+    path: str
+    digest: str
+    versions: tuple[int, ...]
+
+
+# Priors a worker process has loaded by reference, by (path, digest): one mapping per file and process.
+_BY_REFERENCE: dict[tuple[str, str], "Prior"] = {}
+
+
+def _prior_from_state(state: dict) -> "Prior":
+    prior = object.__new__(Prior)
+    prior.__setstate__(state)
+    return prior
+
+
+def _prior_from_file(path: str, digest: str) -> "Prior":
+    """Unpickle a prior sent by reference: memory-map ``path`` and check it holds what was sent."""
+    key = (path, digest)
+    if key not in _BY_REFERENCE:
+        try:
+            prior = Prior.load(path, verify=False)
+        except PriorFormatError as exc:
+            raise PriorFormatError(f"{exc} (this prior was sent to a worker as its file path; make the file "
+                                   "readable at that path on every worker, or send a prior built in memory)") from None
+        found = prior._source.digest if prior._source is not None else None
+        if found != digest:
+            raise PriorFormatError(f"prior file '{path}' on this worker is not the one that was sent (content digest "
+                                   f"{str(found)[:12]} instead of {digest[:12]}); give every worker the same file")
+        _BY_REFERENCE[key] = prior
+    return _BY_REFERENCE[key]
 
 
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
