@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .exceptions import (
     BayesTransferError,
+    CheckpointError,
     ConfigError,
     DataError,
     OutputExistsError,
@@ -53,6 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
 __all__ = [
     "__version__",
     "BayesTransferError",
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "OutputExistsError",

@@ -12,6 +12,7 @@ __all__ = [
     "TrainingDivergedError",
     "OutputExistsError",
     "OutputWriteError",
+    "CheckpointError",
 ]
 
 
@@ -45,3 +46,7 @@ class OutputExistsError(BayesTransferError, FileExistsError):
 
 class OutputWriteError(BayesTransferError, OSError):
     """An output file cannot be written where it was asked for (not a regular file, disk full, ...)."""
+
+
+class CheckpointError(BayesTransferError, ValueError):
+    """A training checkpoint cannot be resumed: unreadable, foreign, or from other settings."""

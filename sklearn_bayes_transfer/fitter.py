@@ -38,6 +38,12 @@ from .backbones import (
     feature_dim_of,
     get_backbone,
 )
+from .checkpoint import (
+    EpochCheckpoint,
+    prepare_checkpoint_dir,
+    read_checkpoint,
+    restore_net,
+)
 from .data import Preprocess, as_image_tensor, load_image_folder, prepare_images
 from .exceptions import ConfigError, DataError, TrainingDivergedError
 from .optim import OptimizerName, optimizer_arguments
@@ -187,6 +193,14 @@ class PriorFitter(BaseEstimator):
         the caller's RNG state is restored afterwards. ``None`` uses the current state.
     num_workers : int, default=0
         DataLoader worker processes for training.
+    checkpoint_dir : str or path, optional
+        Write a checkpoint there at the end of every epoch (atomically: weights, optimizer state,
+        RNG states, history and the SWAG moments). A run killed at any moment loses at most one
+        epoch: fit again with ``resume=True``. See ``docs/resume.md``.
+    resume : bool, default=False
+        Continue from the checkpoint in ``checkpoint_dir`` (a fresh start if there is none). The
+        result is the one an uninterrupted run gives (bit for bit on the CPU with a fixed seed).
+        Without it, a directory that holds a checkpoint is refused rather than overwritten.
     verbose : int, default=0
         ``> 0`` prints one line per epoch and shows a progress bar.
 
@@ -244,6 +258,8 @@ class PriorFitter(BaseEstimator):
         device: str = "cpu",
         random_state: int | None = 0,
         num_workers: int = 0,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
         verbose: int = 0,
     ) -> None:
         self.backbone = backbone
@@ -271,6 +287,8 @@ class PriorFitter(BaseEstimator):
         self.device = device
         self.random_state = random_state
         self.num_workers = num_workers
+        self.checkpoint_dir = checkpoint_dir
+        self.resume = resume
         self.verbose = verbose
 
     # -- validation --------------------------------------------------------------------------------
@@ -300,6 +318,8 @@ class PriorFitter(BaseEstimator):
         "device": [str, torch.device],
         "random_state": [None, Interval(Integral, 0, None)],
         "num_workers": [Interval(Integral, 0, None)],
+        "checkpoint_dir": [None, str, os.PathLike],
+        "resume": [bool],
         "verbose": [Interval(Integral, 0, None), bool],
     }
 
@@ -448,10 +468,12 @@ class PriorFitter(BaseEstimator):
                             schedule=self.swag_schedule, var_clamp=float(self.var_clamp))
 
     def _make_net(self, module: nn.Module, task: SourceTask, swag: SwagCallback, device: str,
-                  drop_last: bool) -> NeuralNet:
+                  drop_last: bool, checkpoint: EpochCheckpoint | None = None) -> NeuralNet:
         callbacks: list[tuple[str, Callback]] = [("swag", swag), ("finite_loss", _FiniteLoss())]
         if self.verbose:
             callbacks.append(("progress", ProgressBar()))
+        if checkpoint is not None:
+            callbacks.append(("checkpoint", checkpoint))  # last: it saves what the others left
         criterion_kwargs = {"criterion__temperature": float(self.simclr_temperature)} if task is SourceTask.SIMCLR else {}
         return NeuralNet(
             module,
@@ -472,7 +494,7 @@ class PriorFitter(BaseEstimator):
         )
 
     # -- fit ---------------------------------------------------------------------------------------
-    def fit(self, X: Any, y: Any = None) -> "PriorFitter":
+    def fit(self, X: Any, y: Any = None) -> PriorFitter:
         """Train on the source data and export :attr:`prior_`.
 
         Parameters
@@ -509,16 +531,27 @@ class PriorFitter(BaseEstimator):
             # A last batch of one image breaks BatchNorm in training mode (one value per channel).
             drop_last = len(clean) % int(self.batch_size) == 1
             swag = self._swag_callback()
-            net = self._make_net(module, task, swag, device, drop_last)
+            settings = self._run_settings(len(clean), classes)
+            checkpoint = self._checkpoint(swag, settings)
+            # Read (and checked against these settings) before anything else can complain.
+            resumed = read_checkpoint(checkpoint.path, settings) if checkpoint is not None and self.resume else None
+            net = self._make_net(module, task, swag, device, drop_last, checkpoint)
             net.initialize()
             planned = self._check_snapshot_plan(swag, len(net.get_iterator(train, training=True)))
+            if resumed is not None:
+                restore_net(net, resumed, checkpoint.path)
+                swag.load_state_dict(resumed["extra"]["swag"], net)
             self.net_ = net
-            net.partial_fit(train, None)
+            remaining = int(self.max_epochs) - len(net.history)
+            if remaining > 0:
+                net.partial_fit(train, None, epochs=remaining)
             done = sum(1 for row in net.history if "train_loss" in row)
-            if done < self.max_epochs or swag.collector_.n_snapshots < planned:
+            if done < self.max_epochs or swag.collector_ is None or swag.collector_.n_snapshots < planned:
                 # skorch ends training quietly on Ctrl-C; a prior from a cut-short run is not exported.
+                kept = f"; the checkpoint in '{self.checkpoint_dir}' keeps them: fit with resume=True to continue" \
+                    if checkpoint is not None else ""
                 raise KeyboardInterrupt(f"training interrupted after {done} of {self.max_epochs} epochs; "
-                                        "no prior was exported")
+                                        f"no prior was exported{kept}")
             prior = self._export(net, swag, clean, preprocess, classes, task, device, drop_last)
         self.backbone_ = net.module_.backbone
         self.history_ = net.history
@@ -527,6 +560,31 @@ class PriorFitter(BaseEstimator):
             self.classes_ = classes
         self.prior_ = prior
         return self
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def _run_settings(self, n_examples: int, classes: np.ndarray | None) -> dict[str, Any]:
+        """What a resumed run must share with the checkpointed one: every setting that shapes the
+        result (not the device, the workers or the log), the data size and the classes."""
+        ignored = {"device", "num_workers", "verbose", "checkpoint_dir", "resume"}
+        settings = {k: v for k, v in self.get_params(deep=False).items() if k not in ignored}
+        if isinstance(self.backbone, nn.Module):
+            settings["backbone"] = type(self.backbone).__name__
+            settings["backbone_parameters"] = sum(p.numel() for p in self.backbone.parameters())
+        if isinstance(self.preprocess, Preprocess):
+            settings["preprocess"] = self.preprocess.to_meta()
+        if isinstance(self.optimizer, type):
+            settings["optimizer"] = f"{self.optimizer.__module__}.{self.optimizer.__qualname__}"
+        settings["n_source_examples"] = int(n_examples)
+        settings["classes"] = None if classes is None else [str(c) for c in classes]
+        return settings
+
+    def _checkpoint(self, swag: SwagCallback, settings: dict[str, Any]) -> EpochCheckpoint | None:
+        if self.checkpoint_dir is None:
+            if self.resume:
+                raise ConfigError("resume=True needs checkpoint_dir: the directory of the run to continue")
+            return None
+        path = prepare_checkpoint_dir(self.checkpoint_dir, resume=bool(self.resume))
+        return EpochCheckpoint(path, settings, extra_state=lambda net: {"swag": swag.state_dict()})
 
     def _check_snapshot_plan(self, swag: SwagCallback, steps_per_epoch: int) -> int:
         planned = swag.planned_snapshots(int(self.max_epochs), steps_per_epoch)

@@ -189,13 +189,13 @@ class Prior:
         total = sum(math.prod(s) for s in shapes)
         if total != d:
             raise PriorFormatError(f"parameter shapes add up to {total} elements but mean has {d}")
-        if not bool(torch.isfinite(mean).all()):
+        if not _all_finite(mean):
             raise PriorFormatError("mean contains NaN or Inf values")
-        if not bool(torch.isfinite(variance).all()):
+        if not _all_finite(variance):
             raise PriorFormatError("variance contains NaN or Inf values")
         if d and float(variance.min()) < 0:
             raise PriorFormatError(f"variance must be >= 0, found minimum {float(variance.min()):.3g}")
-        if factor.numel() and not bool(torch.isfinite(factor).all()):
+        if factor.numel() and not _all_finite(factor):
             raise PriorFormatError("factor contains NaN or Inf values")
         self._mean = mean
         self._variance = variance
@@ -622,6 +622,22 @@ def _prior_from_file(path: str, digest: str) -> "Prior":
                                    f"{str(found)[:12]} instead of {digest[:12]}); give every worker the same file")
         _BY_REFERENCE[key] = prior
     return _BY_REFERENCE[key]
+
+
+# Elements checked at a time by _all_finite: the temporaries stay small (a few MB) for any prior size.
+_FINITE_CHUNK = 1 << 21
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite, in chunks: a memory-mapped file is read once, never copied."""
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        chunk = flat[start:start + _FINITE_CHUNK]
+        # A NaN or an infinity makes the sum non-finite, so a finite sum clears the chunk at the
+        # speed of memory; only a non-finite one (which may also be an overflow) is looked at closely.
+        if not bool(torch.isfinite(chunk.sum())) and not bool(torch.isfinite(chunk).all()):
+            return False
+    return True
 
 
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:

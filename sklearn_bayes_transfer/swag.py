@@ -204,6 +204,35 @@ class SwagCollector:
         self._next = (self._next + 1) % self.rank
         self.n_snapshots = n + 1
 
+    def state_dict(self) -> dict[str, Any]:
+        """The running moments (float64), the deviation ring buffer and the snapshot count, for checkpoints."""
+        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "rank": self.rank,
+                "n_snapshots": self.n_snapshots, "next": self._next, "mean": self._mean, "sq_mean": self._sq_mean,
+                "deviations": self._dev}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a collector over the same parameters and rank.
+
+        Raises
+        ------
+        PriorMismatchError
+            If the state follows other parameters, or has another rank or size.
+        """
+        names = tuple(state["names"])
+        shapes = tuple(tuple(int(d) for d in s) for s in state["shapes"])
+        if names != self.names or shapes != self.shapes:
+            raise PriorMismatchError(self._mismatch(names, shapes))
+        if int(state["rank"]) != self.rank:
+            raise PriorMismatchError(f"the saved SWAG state has rank {state['rank']}, this collector {self.rank}")
+        dev = state["deviations"]
+        if state["mean"].shape != self._mean.shape or (dev is not None and tuple(dev.shape) != (self.rank, self.n_params)):
+            raise PriorMismatchError(f"the saved SWAG moments do not hold {self.n_params} values")
+        self._mean.copy_(state["mean"])
+        self._sq_mean.copy_(state["sq_mean"])
+        self._dev = None if dev is None else dev.to(self.device, torch.float32).clone()
+        self.n_snapshots = int(state["n_snapshots"])
+        self._next = int(state["next"])
+
     @torch.no_grad()
     def apply_mean(self) -> None:
         """Write the SWAG mean into the followed parameters (e.g. before recomputing BatchNorm)."""
@@ -408,7 +437,7 @@ class SwagCallback(Callback):
                 "the rank")
 
     # -- skorch hooks -------------------------------------------------------------------------------
-    def initialize(self) -> "SwagCallback":
+    def initialize(self) -> SwagCallback:
         self._validate()
         self.collector_: SwagCollector | None = None
         self.steps_in_phase_ = 0
@@ -469,6 +498,21 @@ class SwagCallback(Callback):
             self.collector_.collect()
             self.cycle_pos_ = 0
         net.history.record("swag_snapshots", self.collector_.n_snapshots if self.collector_ is not None else 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where collection stands (step counters and the collector's moments), for checkpoints."""
+        return {"steps_in_phase": self.steps_in_phase_, "cycle_pos": self.cycle_pos_,
+                "steps_per_epoch": self.steps_per_epoch_,
+                "collector": None if self.collector_ is None else self.collector_.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any], net: Any) -> None:
+        """Continue from :meth:`state_dict`, following ``net``'s parameters (call after ``net.initialize()``)."""
+        self.steps_in_phase_ = int(state["steps_in_phase"])
+        self.cycle_pos_ = int(state["cycle_pos"])
+        self.steps_per_epoch_ = None if state["steps_per_epoch"] is None else int(state["steps_per_epoch"])
+        if state["collector"] is not None:
+            self.collector_ = SwagCollector(self._selected(net), rank=self.rank, device=self.device)
+            self.collector_.load_state_dict(state["collector"])
 
     @staticmethod
     def _set_lr(net: Any, lr: float) -> None:

@@ -1,0 +1,178 @@
+"""Resumable training: one atomic checkpoint per epoch of a skorch net and the state around it.
+
+A checkpoint is a single file, ``checkpoint.pt`` in the run's directory, replaced atomically at the
+end of every epoch (a run killed at any moment, even while writing it, leaves the previous complete
+checkpoint). It holds the module's and the optimizer's state, the training history, the random
+number generators' states, whatever state the caller adds (the SWAG moments of :class:`PriorFitter`)
+and the run's *settings*: resuming with other settings (another backbone, rank, data size, ...) is
+refused with a message naming the first setting that differs. The file holds tensors and plain
+containers only and is read with ``torch.load(..., weights_only=True)``.
+
+Resuming restores everything the next epoch reads, so on the CPU with a fixed seed a resumed run
+gives bit for bit the result of an uninterrupted one (``docs/resume.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from skorch.callbacks import Callback
+from skorch.history import History
+
+from ._io import atomic_torch_save, safe_torch_load
+from ._validation import plain
+from ._version import __version__
+from .exceptions import CheckpointError, OutputExistsError
+
+__all__ = ["CHECKPOINT_FILE", "EpochCheckpoint", "prepare_checkpoint_dir", "read_checkpoint", "restore_net"]
+
+#: Name of the checkpoint file inside a checkpoint directory.
+CHECKPOINT_FILE = "checkpoint.pt"
+_FORMAT = "sklearn-bayes-transfer/checkpoint"
+_FORMAT_VERSION = 1
+
+
+def prepare_checkpoint_dir(directory: str | os.PathLike, *, resume: bool, restart: bool = False) -> Path:
+    """Make ``directory`` ready for a run's checkpoints and return the checkpoint file's path.
+
+    The directory is created if needed and must be writable. One that already holds a checkpoint is
+    only used with ``resume`` (continue it) or ``restart`` (delete it and start over), so that a
+    new run never overwrites another's progress by accident. Temporary files left by a write that
+    was killed are removed.
+
+    Raises
+    ------
+    CheckpointError
+        If the directory cannot be created or written.
+    OutputExistsError
+        If it holds a checkpoint and neither ``resume`` nor ``restart`` is set.
+    """
+    folder = Path(directory)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CheckpointError(f"checkpoint directory '{folder}' is not a directory; give a directory path") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot create checkpoint directory '{folder}': {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CheckpointError(f"checkpoint directory '{folder}' is not writable; choose another directory or "
+                              "fix its permissions")
+    path = folder / CHECKPOINT_FILE
+    if path.exists() and not resume:
+        if not restart:
+            raise OutputExistsError(f"checkpoint directory '{folder}' already holds a checkpoint; resume it "
+                                    "(--resume, resume=True), start over (--force), or use another directory")
+        path.unlink()
+    for stale in folder.glob(f".{CHECKPOINT_FILE}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def _rng_state() -> dict[str, Any]:
+    cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        for index, value in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(value, index)
+
+
+class EpochCheckpoint(Callback):
+    """Write the run's state to ``path`` at the end of every training epoch, atomically.
+
+    Put it after every callback whose state it saves (the ones that ``extra_state`` reads).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The checkpoint file (see :func:`prepare_checkpoint_dir`).
+    settings : dict
+        Plain description of the run; :func:`read_checkpoint` refuses a checkpoint whose settings differ.
+    extra_state : callable, optional
+        ``extra_state(net) -> dict`` of tensors and plain values saved beside the net's state.
+
+    Examples
+    --------
+    >>> from skorch import NeuralNet
+    >>> net = NeuralNet(torch.nn.Linear(2, 2), torch.nn.MSELoss, max_epochs=1, train_split=None,
+    ...                 callbacks=[("checkpoint", EpochCheckpoint("run/checkpoint.pt", {"lr": 0.1}))])
+    """
+
+    def __init__(self, path: str | os.PathLike, settings: Mapping[str, Any],
+                 extra_state: Callable[[Any], dict[str, Any]] | None = None) -> None:
+        self.path = path
+        self.settings = settings
+        self.extra_state = extra_state
+
+    def on_epoch_end(self, net: Any, **kwargs: Any) -> None:
+        state = {
+            "format": _FORMAT, "format_version": _FORMAT_VERSION, "library_version": __version__,
+            "settings": json.dumps(plain(dict(self.settings), "settings"), sort_keys=True),
+            "epochs": len(net.history),
+            "module": net.module_.state_dict(),
+            "optimizer": net.optimizer_.state_dict(),
+            "history": json.dumps(net.history.to_list(), default=float),
+            "rng": _rng_state(),
+            "extra": self.extra_state(net) if self.extra_state is not None else {},
+        }
+        atomic_torch_save(state, self.path)
+
+
+def read_checkpoint(path: str | os.PathLike, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint at ``path``, checked against this run's ``settings``; ``None`` if there is none.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is unreadable or not a checkpoint of ours, or if a setting differs (named,
+        with both values).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    state = safe_torch_load(path, what="checkpoint", error=CheckpointError)
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise CheckpointError(f"checkpoint '{path}' is not a sklearn-bayes-transfer checkpoint; use another "
+                              "checkpoint directory")
+    if state.get("format_version") != _FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint '{path}' has format version {state.get('format_version')!r}; this "
+                              f"library (version {__version__}) reads version {_FORMAT_VERSION}: start over with --force")
+    try:
+        saved = json.loads(state["settings"])
+        for key in ("module", "optimizer", "history", "rng", "extra", "epochs"):
+            state[key]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint '{path}' is incomplete or corrupt ({exc}); start over with --force") from None
+    current = plain(dict(settings), "settings")
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            raise CheckpointError(
+                f"checkpoint '{path}' comes from a run with {key}={_shown(saved.get(key))}, but this run has "
+                f"{key}={_shown(current.get(key))}; resume with the same settings, or start over with --force")
+    return state
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def restore_net(net: Any, state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Load a checkpoint's module, optimizer, history and random states into an initialized ``net``."""
+    try:
+        net.module_.load_state_dict(state["module"])
+        net.optimizer_.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise CheckpointError(f"checkpoint '{path}' does not fit this model ({first}); start over with --force") from None
+    net.history = History(json.loads(state["history"]))
+    _set_rng_state(state["rng"])
