@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from sklearn_bayes_transfer.checkpoint import prepare_checkpoint_dir
+from sklearn_bayes_transfer.distributed import is_main_process
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.fitter import PriorFitter, SourceTask
 from sklearn_bayes_transfer.optim import OptimizerName
@@ -74,6 +75,8 @@ def fit_prior(
         fail(f"interrupted; {out} not written, the checkpoint in '{checkpoint_dir}' keeps the finished epochs: "
              "rerun with --resume to continue", code=130)
     fitter.save_prior(out, overwrite=force)
+    if not is_main_process():
+        return  # launched with several processes: the main one wrote the file and reports it
     prior = fitter.prior_
     meta = prior.meta
     console.print(

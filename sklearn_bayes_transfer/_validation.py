@@ -19,7 +19,7 @@ import torch
 
 from .exceptions import ConfigError
 
-__all__ = ["PLAIN_TYPES", "Integral", "Interval", "Options", "Real", "as_numpy", "check_choice", "check_params",
+__all__ = ["PLAIN_TYPES", "HasMethods", "Integral", "Interval", "Options", "Real", "as_numpy", "check_choice", "check_params",
            "mismatch_report", "plain"]
 
 #: Scalar types a prior's or model file's metadata may hold (with lists and str-keyed dicts of them).
@@ -180,6 +180,25 @@ class Options:
 
     def __str__(self) -> str:
         return ", ".join(repr(v) for v in self.values)
+
+
+class HasMethods:
+    """Any object with these methods (duck typing, as scikit-learn's ``HasMethods``).
+
+    Examples
+    --------
+    >>> [] in HasMethods(["append"]), str(HasMethods(["prepare"]))
+    (True, 'an object with prepare()')
+    """
+
+    def __init__(self, methods: Sequence[str]) -> None:
+        self.methods = tuple(methods)
+
+    def __contains__(self, value: Any) -> bool:
+        return all(callable(getattr(value, m, None)) for m in self.methods)
+
+    def __str__(self) -> str:
+        return "an object with " + ", ".join(f"{m}()" for m in self.methods)
 
 
 def _satisfies(value: Any, constraint: Any) -> bool:

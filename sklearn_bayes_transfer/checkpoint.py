@@ -27,6 +27,7 @@ from skorch.history import History
 from ._io import atomic_torch_save, safe_torch_load
 from ._validation import plain
 from ._version import __version__
+from .distributed import is_main_process, unwrap
 from .exceptions import CheckpointError, OutputExistsError
 
 __all__ = ["CHECKPOINT_FILE", "EpochCheckpoint", "prepare_checkpoint_dir", "read_checkpoint", "restore_net"]
@@ -68,8 +69,9 @@ def prepare_checkpoint_dir(directory: str | os.PathLike, *, resume: bool, restar
             raise OutputExistsError(f"checkpoint directory '{folder}' already holds a checkpoint; resume it "
                                     "(--resume, resume=True), start over (--force), or use another directory")
         path.unlink()
-    for stale in folder.glob(f".{CHECKPOINT_FILE}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    if is_main_process():  # the one that writes
+        for stale in folder.glob(f".{CHECKPOINT_FILE}.*.tmp"):
+            stale.unlink(missing_ok=True)
     return path
 
 
@@ -114,11 +116,13 @@ class EpochCheckpoint(Callback):
         self.extra_state = extra_state
 
     def on_epoch_end(self, net: Any, **kwargs: Any) -> None:
+        if not is_main_process():
+            return  # the weights are the same on every process; one writes
         state = {
             "format": _FORMAT, "format_version": _FORMAT_VERSION, "library_version": __version__,
             "settings": json.dumps(plain(dict(self.settings), "settings"), sort_keys=True),
             "epochs": len(net.history),
-            "module": net.module_.state_dict(),
+            "module": unwrap(net.module_).state_dict(),
             "optimizer": net.optimizer_.state_dict(),
             "history": json.dumps(net.history.to_list(), default=float),
             "rng": _rng_state(),
@@ -169,7 +173,7 @@ def _shown(value: Any) -> str:
 def restore_net(net: Any, state: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Load a checkpoint's module, optimizer, history and random states into an initialized ``net``."""
     try:
-        net.module_.load_state_dict(state["module"])
+        unwrap(net.module_).load_state_dict(state["module"])
         net.optimizer_.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0][:200]

@@ -26,10 +26,10 @@ from skorch import NeuralNet
 from skorch.callbacks import Callback, ProgressBar
 from torch import nn
 from torch.optim.swa_utils import update_bn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ._device import resolve_device, seeded
-from ._validation import Integral, Interval, Options, Real, check_params
+from ._validation import HasMethods, Integral, Interval, Options, Real, check_params
 from ._version import __version__
 from .backbones import (
     BackboneWithHead,
@@ -45,6 +45,7 @@ from .checkpoint import (
     restore_net,
 )
 from .data import Preprocess, as_image_tensor, load_image_folder, prepare_images
+from .distributed import accelerated, is_main_process, launched_processes, make_accelerator, reduce_batchnorm_
 from .exceptions import ConfigError, DataError, TrainingDivergedError
 from .optim import OptimizerName, optimizer_arguments
 from .prior import Prior
@@ -157,6 +158,12 @@ class PriorFitter(BaseEstimator):
     momentum, weight_decay : float, default=0.9, 5e-4
         SGD settings.
     batch_size : int, default=128
+        Images per optimizer step. Launched with several processes, each process takes an equal
+        share of every batch (``batch_size`` must be a multiple of the process count), so the run
+        does what one process with this batch size does.
+    shuffle : bool, default=True
+        Shuffle the source images every epoch. ``False`` keeps their order, which makes runs with
+        different process counts comparable step by step.
     swag_start : int, optional
         Epochs of ordinary training before SWAG collection starts; by default half of ``max_epochs``.
     swag_lr : float, default=0.01
@@ -193,6 +200,13 @@ class PriorFitter(BaseEstimator):
         the caller's RNG state is restored afterwards. ``None`` uses the current state.
     num_workers : int, default=0
         DataLoader worker processes for training.
+    accelerator : accelerate.Accelerator, optional
+        Train through it (skorch's ``AccelerateMixin``). By default one is made, with
+        ``split_batches=True``, when the run was launched with several processes (``torchrun``,
+        ``accelerate launch``: ``WORLD_SIZE > 1``), and none in a plain run. Then SWAG is collected
+        from the all-reduced weights, BatchNorm statistics at the SWAG mean are reduced over every
+        process's share of the source set, and only the main process writes checkpoints and the
+        prior file (``docs/resume.md``).
     checkpoint_dir : str or path, optional
         Write a checkpoint there at the end of every epoch (atomically: weights, optimizer state,
         RNG states, history and the SWAG moments). A run killed at any moment loses at most one
@@ -242,6 +256,7 @@ class PriorFitter(BaseEstimator):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         batch_size: int = 128,
+        shuffle: bool = True,
         swag_start: int | None = None,
         swag_lr: float = 0.01,
         swag_schedule: SwagSchedule | str = "constant",
@@ -258,6 +273,7 @@ class PriorFitter(BaseEstimator):
         device: str = "cpu",
         random_state: int | None = 0,
         num_workers: int = 0,
+        accelerator: Any = None,
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = False,
         verbose: int = 0,
@@ -271,6 +287,7 @@ class PriorFitter(BaseEstimator):
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.batch_size = batch_size
+        self.shuffle = shuffle
         self.swag_start = swag_start
         self.swag_lr = swag_lr
         self.swag_schedule = swag_schedule
@@ -287,6 +304,7 @@ class PriorFitter(BaseEstimator):
         self.device = device
         self.random_state = random_state
         self.num_workers = num_workers
+        self.accelerator = accelerator
         self.checkpoint_dir = checkpoint_dir
         self.resume = resume
         self.verbose = verbose
@@ -303,6 +321,7 @@ class PriorFitter(BaseEstimator):
         "momentum": [Interval(Real, 0, 1, closed="left")],
         "weight_decay": [Interval(Real, 0, None)],
         "batch_size": [Interval(Integral, 1, None)],
+        "shuffle": [bool],
         "swag_start": [None, Interval(Integral, 0, None)],
         "swag_lr": [Interval(Real, 0, None, closed="neither")],
         "swag_schedule": [Options(SwagSchedule)],
@@ -318,6 +337,7 @@ class PriorFitter(BaseEstimator):
         "device": [str, torch.device],
         "random_state": [None, Interval(Integral, 0, None)],
         "num_workers": [Interval(Integral, 0, None)],
+        "accelerator": [None, HasMethods(["prepare", "unwrap_model"])],
         "checkpoint_dir": [None, str, os.PathLike],
         "resume": [bool],
         "verbose": [Interval(Integral, 0, None), bool],
@@ -468,14 +488,20 @@ class PriorFitter(BaseEstimator):
                             schedule=self.swag_schedule, var_clamp=float(self.var_clamp))
 
     def _make_net(self, module: nn.Module, task: SourceTask, swag: SwagCallback, device: str,
-                  drop_last: bool, checkpoint: EpochCheckpoint | None = None) -> NeuralNet:
+                  drop_last: bool, checkpoint: EpochCheckpoint | None = None, accelerator: Any = None) -> NeuralNet:
         callbacks: list[tuple[str, Callback]] = [("swag", swag), ("finite_loss", _FiniteLoss())]
-        if self.verbose:
+        main = accelerator is None or accelerator.is_main_process
+        if self.verbose and main:
             callbacks.append(("progress", ProgressBar()))
         if checkpoint is not None:
             callbacks.append(("checkpoint", checkpoint))  # last: it saves what the others left
         criterion_kwargs = {"criterion__temperature": float(self.simclr_temperature)} if task is SourceTask.SIMCLR else {}
-        return NeuralNet(
+        # Several processes: skorch's AccelerateMixin (DDP), which places the module and the batches itself.
+        net_class, placement = (NeuralNet, {"device": device}) if accelerator is None else \
+            (accelerated(NeuralNet), {"device": None, "accelerator": accelerator,
+                                      # print, not the accelerator's: it honours verbose (0 off the main process)
+                                      "callbacks__print_log__sink": print})
+        return net_class(
             module,
             criterion=NTXentLoss if task is SourceTask.SIMCLR else nn.CrossEntropyLoss,
             lr=float(self.lr),
@@ -484,12 +510,12 @@ class PriorFitter(BaseEstimator):
             max_epochs=int(self.max_epochs),
             batch_size=int(self.batch_size),
             train_split=None,
-            iterator_train__shuffle=True,
+            iterator_train__shuffle=bool(self.shuffle),
             iterator_train__drop_last=drop_last,
             iterator_train__num_workers=int(self.num_workers),
             callbacks=callbacks,
-            device=device,
-            verbose=int(self.verbose),
+            verbose=int(self.verbose) if main else 0,
+            **placement,
             **criterion_kwargs,
         )
 
@@ -521,6 +547,7 @@ class PriorFitter(BaseEstimator):
         device = resolve_device(self.device)
         for attr in ("prior_", "history_", "net_", "backbone_", "preprocess_", "classes_"):
             self.__dict__.pop(attr, None)
+        accelerator = self._make_accelerator(device)
         with seeded(self.random_state, device):
             clean, preprocess, classes = self._prepare_data(X, y, task)
             example = torch.stack([clean[i][0] for i in range(min(2, len(clean)))])
@@ -535,7 +562,7 @@ class PriorFitter(BaseEstimator):
             checkpoint = self._checkpoint(swag, settings)
             # Read (and checked against these settings) before anything else can complain.
             resumed = read_checkpoint(checkpoint.path, settings) if checkpoint is not None and self.resume else None
-            net = self._make_net(module, task, swag, device, drop_last, checkpoint)
+            net = self._make_net(module, task, swag, device, drop_last, checkpoint, accelerator)
             net.initialize()
             planned = self._check_snapshot_plan(swag, len(net.get_iterator(train, training=True)))
             if resumed is not None:
@@ -545,6 +572,8 @@ class PriorFitter(BaseEstimator):
             remaining = int(self.max_epochs) - len(net.history)
             if remaining > 0:
                 net.partial_fit(train, None, epochs=remaining)
+            if accelerator is not None:
+                net._unwrap_accelerator()  # skorch unwraps at the end of training; a finished run resumed has none
             done = sum(1 for row in net.history if "train_loss" in row)
             if done < self.max_epochs or swag.collector_ is None or swag.collector_.n_snapshots < planned:
                 # skorch ends training quietly on Ctrl-C; a prior from a cut-short run is not exported.
@@ -552,7 +581,7 @@ class PriorFitter(BaseEstimator):
                     if checkpoint is not None else ""
                 raise KeyboardInterrupt(f"training interrupted after {done} of {self.max_epochs} epochs; "
                                         f"no prior was exported{kept}")
-            prior = self._export(net, swag, clean, preprocess, classes, task, device, drop_last)
+            prior = self._export(net, swag, clean, preprocess, classes, task, device, accelerator)
         self.backbone_ = net.module_.backbone
         self.history_ = net.history
         self.preprocess_ = preprocess
@@ -561,11 +590,21 @@ class PriorFitter(BaseEstimator):
         self.prior_ = prior
         return self
 
+    def _make_accelerator(self, device: str) -> Any:
+        """The accelerator given, or one for a run launched with several processes, or None."""
+        accelerator = self.accelerator
+        if accelerator is None and launched_processes() > 1:
+            accelerator = make_accelerator(device)
+        if accelerator is not None and int(self.batch_size) % accelerator.num_processes:
+            raise ConfigError(f"batch_size={self.batch_size} cannot be split over {accelerator.num_processes} "
+                              f"processes; use a multiple of {accelerator.num_processes}")
+        return accelerator
+
     # -- checkpoints ---------------------------------------------------------------------------------
     def _run_settings(self, n_examples: int, classes: np.ndarray | None) -> dict[str, Any]:
         """What a resumed run must share with the checkpointed one: every setting that shapes the
         result (not the device, the workers or the log), the data size and the classes."""
-        ignored = {"device", "num_workers", "verbose", "checkpoint_dir", "resume"}
+        ignored = {"device", "num_workers", "verbose", "checkpoint_dir", "resume", "accelerator"}
         settings = {k: v for k, v in self.get_params(deep=False).items() if k not in ignored}
         if isinstance(self.backbone, nn.Module):
             settings["backbone"] = type(self.backbone).__name__
@@ -599,16 +638,25 @@ class PriorFitter(BaseEstimator):
         return planned
 
     def _export(self, net: NeuralNet, swag: SwagCallback, clean: Dataset, preprocess: Preprocess,
-                classes: np.ndarray | None, task: SourceTask, device: str, drop_last: bool) -> Prior:
+                classes: np.ndarray | None, task: SourceTask, device: str, accelerator: Any = None) -> Prior:
         backbone = net.module_.backbone
         swag.collector_.apply_mean()
-        loader = DataLoader(clean, batch_size=int(self.batch_size), shuffle=False, drop_last=drop_last,
-                            num_workers=int(self.num_workers))
+        share: Dataset = clean
+        if accelerator is not None and accelerator.num_processes > 1:
+            # Every process recomputes the statistics on its share of the source set; then they are pooled.
+            share = Subset(clean, range(accelerator.process_index, len(clean), accelerator.num_processes))
+            device = str(accelerator.device)
+        per_process = max(int(self.batch_size) // (accelerator.num_processes if accelerator else 1), 1)
+        # A last batch of one image breaks BatchNorm in training mode (one value per channel).
+        loader = DataLoader(share, batch_size=per_process, shuffle=False, num_workers=int(self.num_workers),
+                            drop_last=len(share) % per_process == 1)
         update_bn(loader, backbone, device=torch.device(device))
+        reduce_batchnorm_(backbone, len(share))
         # num_batches_tracked is kept so that backbone.load_state_dict(..., strict=True) works.
         buffers = {name: b.detach().cpu().clone() for name, b in backbone.named_buffers()}
-        return swag.to_prior(buffers=buffers, meta=self._meta(net, backbone, preprocess, classes, task,
-                                                              len(clean)))
+        meta = self._meta(net, backbone, preprocess, classes, task, len(clean))
+        meta["n_processes"] = accelerator.num_processes if accelerator is not None else 1
+        return swag.to_prior(buffers=buffers, meta=meta)
 
     def _meta(self, net: NeuralNet, backbone: nn.Module, preprocess: Preprocess, classes: np.ndarray | None,
               task: SourceTask, n_examples: int) -> dict[str, Any]:
@@ -640,10 +688,15 @@ class PriorFitter(BaseEstimator):
     def save_prior(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
         """Write :attr:`prior_` atomically to ``path`` (an interrupted write leaves no file).
 
+        In a run launched with several processes only the main process writes; the others return
+        ``path`` at once.
+
         Raises
         ------
         OutputExistsError
             If ``path`` exists and ``overwrite`` is ``False``.
         """
         check_is_fitted(self, "prior_")
+        if not is_main_process():
+            return Path(path)
         return self.prior_.save(path, overwrite=overwrite)

@@ -51,6 +51,7 @@ from .backbones import BackboneWithHead, backbone_from_meta
 from .bayes import BayesianInferenceMixin
 from .curvature import diagonal_fisher
 from .data import Preprocess, TransformedDataset, prepare_images
+from .distributed import launched_processes
 from .exceptions import (
     ConfigError,
     DataError,
@@ -266,6 +267,10 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         ``random_state`` set, the whole fit (head initialisation, shuffling, dropout, sampling) is
         reproducible and torch's global RNG is left untouched.
         """
+        if launched_processes() > 1:
+            raise ConfigError(f"this fine-tune was launched with {launched_processes()} processes (WORLD_SIZE), but "
+                              "data-parallel fine-tuning is not supported yet: run it in one process (without "
+                              "torchrun / accelerate launch); only fit-prior / PriorFitter trains data-parallel")
         X, y = self._fit_inputs(X, y)
         fresh = not self.warm_start or not getattr(self, "initialized_", False)
         X = self._validate_X(X, reset=fresh)

@@ -28,6 +28,7 @@ import torch
 from skorch.callbacks import Callback
 
 from ._validation import check_choice
+from .distributed import unwrap
 from .exceptions import ConfigError, PriorMismatchError
 from .prior import Prior
 
@@ -314,7 +315,7 @@ def default_swag_params(net: Any) -> list[tuple[str, torch.nn.Parameter]]:
     Those of ``net.module_.backbone`` when the module has a ``backbone`` child (so a task head
     is left out of the posterior), else all of ``net.module_``'s.
     """
-    module = net.module_
+    module = unwrap(net.module_)  # under DDP (Accelerate), the wrapped module
     target = getattr(module, "backbone", None)
     if not isinstance(target, torch.nn.Module):
         target = module
