@@ -13,6 +13,7 @@ import typer
 from skorch.callbacks import EarlyStopping, EpochScoring, ProgressBar
 from skorch.dataset import ValidSplit
 
+from sklearn_bayes_transfer.checkpoint import FitCheckpoint, prepare_checkpoint_dir
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier, index_accuracy
 from sklearn_bayes_transfer.data import load_image_folder, load_segmentation_folder
 from sklearn_bayes_transfer.exceptions import ConfigError
@@ -21,7 +22,7 @@ from sklearn_bayes_transfer.prior import Prior, PriorStructure
 from sklearn_bayes_transfer.sampling import Inference
 from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter, SegmentationHead
 
-from ._app import app, check_output, console, handle_errors, resolve_device
+from ._app import app, check_output, console, fail, handle_errors, resolve_device
 from ._options import (
     RECIPE_DEFAULTS,
     AugmentOption,
@@ -118,7 +119,8 @@ def _split(task: Task, y: np.ndarray, fraction: float, seed: int) -> ValidSplit 
 
 
 def _shared_kwargs(*, preprocess: Any, split: ValidSplit | None, quiet: bool, early_stopping: int | None,
-                   scores: list[tuple[str, Any]], **params: Any) -> dict[str, Any]:
+                   scores: list[tuple[str, Any]], checkpoint: FitCheckpoint | None = None,
+                   **params: Any) -> dict[str, Any]:
     """Keyword arguments both estimators take: preprocessing, split, logging, hyperparameters.
 
     ``scores`` are the task's per-epoch metric callbacks.
@@ -128,6 +130,8 @@ def _shared_kwargs(*, preprocess: Any, split: ValidSplit | None, quiet: bool, ea
         callbacks.append(("early_stopping", EarlyStopping(patience=early_stopping, load_best=True)))
     if not quiet:
         callbacks.append(("progress", ProgressBar(postfix_keys=["train_loss"])))
+    if checkpoint is not None:
+        callbacks.append(("checkpoint", checkpoint))  # after the others: it saves what they left
     return {"preprocess": preprocess, "train_split": split, "callbacks": callbacks, "verbose": 0 if quiet else 1,
             **params}
 
@@ -225,7 +229,13 @@ def finetune(
              "segmentation, each image's own size).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     random_state: Annotated[int, typer.Option(help="Random seed (head initialisation, shuffling, split).")] = 0,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(
+        help="Save a checkpoint there after every epoch; a killed fine-tune continues with --resume "
+             "(inference map or laplace).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the fine-tune checkpointed in --checkpoint-dir "
+                                         "(same options; a fresh start if it holds none).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists (and start over a checkpoint "
+                                        "in --checkpoint-dir unless --resume).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No per-epoch log or progress bar.")] = False,
 ) -> None:
     """Fine-tune the prior's backbone with a new head on labelled images or masks; save a model file."""
@@ -236,6 +246,12 @@ def finetune(
                               augment=augment, batchnorm=batchnorm, inference=inference)
     _check_task_options(task, masks, ignore_index, head)
     check_output(out, force, inputs=(prior,))  # before training, not after minutes of it
+    if resume and checkpoint_dir is None:
+        raise ConfigError("--resume needs --checkpoint-dir: the directory of the fine-tune to continue")
+    checkpoint = None
+    if checkpoint_dir is not None:
+        prepare_checkpoint_dir(checkpoint_dir, resume=resume, restart=force)  # refused now, not after loading
+        checkpoint = FitCheckpoint(checkpoint_dir, resume=resume)
     size = parse_image_size(image_size)
     device = resolve_device(device)
     prior_obj = Prior.load(prior)
@@ -247,7 +263,13 @@ def finetune(
         task, prior_obj, ignore_index=ignore_index, head=head, preprocess=preprocess, split=split, quiet=quiet,
         early_stopping=early_stopping, prior_scale=scale, prior_eps=prior_eps,
         prior_structure=prior_structure.value, head_weight_decay=head_weight_decay, device=device,
-        inference=inference.value, n_samples=samples, random_state=random_state, **recipe)
-    estimator.fit(X, y)
+        inference=inference.value, n_samples=samples, random_state=random_state, checkpoint=checkpoint, **recipe)
+    try:
+        estimator.fit(X, y)
+    except KeyboardInterrupt:
+        if checkpoint_dir is None:
+            raise
+        fail(f"interrupted; {out} not written, the checkpoint in '{checkpoint_dir}' keeps the finished epochs: "
+             "rerun with --resume to continue", code=130)
     save_model(estimator, out, overwrite=force)
     console.print(_summary(estimator, out, len(y), task), highlight=False, soft_wrap=True)

@@ -33,6 +33,7 @@ _LAZY = {
     "Backend": "_kernel",
     "PriorPenalty": "penalty",
     "PriorFitter": "fitter",
+    "FitCheckpoint": "checkpoint",
     "PriorRegularizedClassifier": "classifier",
     "PriorRegularizedSegmenter": "segmenter",
     "Inference": "sampling",
@@ -43,6 +44,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._kernel import Backend
+    from .checkpoint import FitCheckpoint
     from .classifier import PriorRegularizedClassifier
     from .fitter import PriorFitter
     from .modelfile import ModelFileError, load_model, save_model

@@ -30,7 +30,8 @@ from ._version import __version__
 from .distributed import is_main_process, unwrap
 from .exceptions import CheckpointError, OutputExistsError
 
-__all__ = ["CHECKPOINT_FILE", "EpochCheckpoint", "prepare_checkpoint_dir", "read_checkpoint", "restore_net"]
+__all__ = ["CHECKPOINT_FILE", "EpochCheckpoint", "FitCheckpoint", "prepare_checkpoint_dir", "read_checkpoint",
+           "restore_net"]
 
 #: Name of the checkpoint file inside a checkpoint directory.
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -180,3 +181,100 @@ def restore_net(net: Any, state: Mapping[str, Any], path: str | os.PathLike) -> 
         raise CheckpointError(f"checkpoint '{path}' does not fit this model ({first}); start over with --force") from None
     net.history = History(json.loads(state["history"]))
     _set_rng_state(state["rng"])
+
+
+# Hyperparameters that may change between a fine-tune and its resumption (or are not settings).
+_FREE_TO_CHANGE = {"callbacks", "verbose", "device", "warm_start", "iterator_train__num_workers",
+                   "iterator_valid__num_workers", "compile", "use_caching", "torch_load_kwargs"}
+
+
+def _setting(value: Any) -> Any:
+    """A hyperparameter as a comparable plain value: a prior by its digest, classes by name."""
+    from .prior import Prior
+
+    if isinstance(value, Prior):
+        return {"prior digest": value.digest()}
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, (str, os.PathLike)):
+        return str(value)
+    try:
+        return plain(value, "setting")
+    except Exception:  # noqa: BLE001 - objects (modules, transforms) are compared by their type only
+        return type(value).__qualname__
+
+
+class FitCheckpoint(EpochCheckpoint):
+    """Make an estimator's fine-tune resumable: a checkpoint every epoch, and ``resume`` to continue one.
+
+    A skorch callback for :class:`~sklearn_bayes_transfer.PriorRegularizedClassifier` and
+    :class:`~sklearn_bayes_transfer.PriorRegularizedSegmenter` (``finetune --checkpoint-dir``). It
+    saves the weights, the optimizer, the history, the random states, the prior scale and the state
+    of the learning-rate schedule and of ``prior_scale="evidence"``; ``resume=True`` continues from
+    it, giving the uninterrupted fit's weights (bit for bit on the CPU). Checkpoints are refused
+    for ``inference="swag"`` and ``"sgld"``, whose samples they do not hold (``docs/resume.md``).
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        Where ``checkpoint.pt`` is written.
+    resume : bool, default=False
+        Continue from the checkpoint there (a fresh start if there is none).
+    restart : bool, default=False
+        Delete a checkpoint found there and start over (without it, one is refused unless ``resume``).
+
+    Examples
+    --------
+    >>> from sklearn_bayes_transfer import PriorRegularizedClassifier
+    >>> clf = PriorRegularizedClassifier(callbacks=[("checkpoint", FitCheckpoint("runs/ft", resume=True))])
+    """
+
+    def __init__(self, directory: str | os.PathLike, resume: bool = False, restart: bool = False) -> None:
+        super().__init__(Path(directory) / CHECKPOINT_FILE, {}, extra_state=self._estimator_state)
+        self.directory = directory
+        self.resume = resume
+        self.restart = restart
+
+    def on_train_begin(self, net: Any, X: Any = None, y: Any = None, **kwargs: Any) -> None:
+        sampling = getattr(getattr(net, "training_plan_", None), "sampling", None)
+        inference = getattr(getattr(sampling, "inference", None), "value", "map")
+        if inference in ("swag", "sgld"):
+            raise CheckpointError(f"checkpoints of a fine-tune hold no posterior samples: inference={inference!r} "
+                                  "cannot be resumed; use inference='map' or 'laplace', or no checkpoint directory")
+        self.path = prepare_checkpoint_dir(self.directory, resume=self.resume, restart=self.restart)
+        self.restart = False  # a later fit of the same estimator continues its own checkpoints
+        self.settings = self._settings(net)
+        state = read_checkpoint(self.path, self.settings) if self.resume else None
+        if state is None:
+            return
+        restore_net(net, state, self.path)
+        extra = state["extra"]
+        if extra["prior_scale"] is not None and extra["prior_scale"] != net.prior_scale_:
+            net._set_prior_scale(extra["prior_scale"])
+        for name, callback in net.callbacks_:
+            if name in extra["callbacks"]:
+                for attr, value in extra["callbacks"][name].items():
+                    setattr(callback, attr, value)
+        net._resumed_epochs_ = int(state["epochs"])
+
+    @staticmethod
+    def _settings(net: Any) -> dict[str, Any]:
+        params = net.get_params(deep=False)
+        settings = {k: _setting(v) for k, v in params.items()
+                    if k not in _FREE_TO_CHANGE and not k.startswith("callbacks__")}
+        plan = net.training_plan_
+        settings.update(n_train=int(plan.n_train), steps_per_epoch=int(plan.steps_per_epoch),
+                        classes=[str(c) for c in net.classes_])
+        return settings
+
+    @staticmethod
+    def _estimator_state(net: Any) -> dict[str, Any]:
+        callbacks = dict(net.callbacks_)
+        saved: dict[str, dict[str, Any]] = {}
+        schedule = callbacks.get("lr_schedule")
+        if schedule is not None and hasattr(schedule, "step_"):
+            saved["lr_schedule"] = {"step_": schedule.step_}
+        evidence = callbacks.get("evidence")
+        if evidence is not None and getattr(evidence, "active_", False):
+            saved["evidence"] = {"step_": evidence.step_, "trace_": list(evidence.trace_)}
+        return {"prior_scale": None if net.prior_scale_ is None else float(net.prior_scale_), "callbacks": saved}

@@ -45,7 +45,13 @@ from .checkpoint import (
     restore_net,
 )
 from .data import Preprocess, as_image_tensor, load_image_folder, prepare_images
-from .distributed import accelerated, is_main_process, launched_processes, make_accelerator, reduce_batchnorm_
+from .distributed import (
+    accelerated,
+    is_main_process,
+    launched_processes,
+    make_accelerator,
+    reduce_batchnorm_,
+)
 from .exceptions import ConfigError, DataError, TrainingDivergedError
 from .optim import OptimizerName, optimizer_arguments
 from .prior import Prior

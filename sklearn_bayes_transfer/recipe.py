@@ -209,15 +209,21 @@ class RecomputeBatchNorm(Callback):
     its statistics.
     """
 
-    def on_train_begin(self, net: Any, **kwargs: Any) -> None:
+    def on_train_begin(self, net: Any, X: Any = None, y: Any = None, **kwargs: Any) -> None:
         self.dataset_ = None
+        self.data_ = (X, y)
 
     def on_epoch_begin(self, net: Any, dataset_train: Any = None, **kwargs: Any) -> None:
         self.dataset_ = dataset_train
 
     def on_train_end(self, net: Any, **kwargs: Any) -> None:
         dataset, self.dataset_ = getattr(self, "dataset_", None), None  # no reference kept after fit
-        if dataset is None or getattr(net, "_interrupted_", False):
+        (X, y), self.data_ = getattr(self, "data_", (None, None)), None
+        if getattr(net, "_interrupted_", False):
+            return
+        if dataset is None and getattr(net, "_resumed_epochs_", 0) and X is not None:
+            dataset = net.get_split_datasets(X, y)[0]  # a finished fine-tune resumed: no epoch ran
+        if dataset is None:
             return
         inputs = batchnorm_inputs(dataset, int(net.batch_size), torch.Generator().manual_seed(0))
         recompute_batchnorm(net, inputs)

@@ -52,13 +52,13 @@ from .bayes import BayesianInferenceMixin
 from .curvature import diagonal_fisher
 from .data import Preprocess, TransformedDataset, prepare_images
 from .distributed import launched_processes
+from .evidence import CURVATURE_MAX_EXAMPLES, EvidencePriorScale, resolve_scale_bounds
 from .exceptions import (
     ConfigError,
     DataError,
     PriorMismatchError,
     TrainingDivergedError,
 )
-from .evidence import CURVATURE_MAX_EXAMPLES, EvidencePriorScale, resolve_scale_bounds
 from .laplace import evidence_grid, log_evidence
 from .penalty import PriorPenalty
 from .prior import Prior, PriorStructure, named_parameters_for
@@ -302,6 +302,7 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         self.training_plan_ = self._plan_training(X, y, fit_params)
         self._prior_value_cache_ = self._pending_prior_steps_ = None
         self._interrupted_ = False
+        self._resumed_epochs_ = 0
         result = super().partial_fit(X, y, classes=classes, **fit_params)
         if self._interrupted_:
             # skorch ends training quietly on Ctrl-C and returns the half-trained net as if fitted.
@@ -321,7 +322,8 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
     def fit_loop(self, X, y=None, epochs=None, **fit_params):
         """skorch's training loop, for ``epochs`` or else the epochs of :attr:`training_plan_`."""
         if epochs is None:
-            epochs = self.training_plan_.epochs
+            # A fit resumed from a checkpoint (FitCheckpoint) trains the epochs that remain.
+            epochs = self.training_plan_.epochs - getattr(self, "_resumed_epochs_", 0)
         try:
             return super().fit_loop(X, y, epochs=epochs, **fit_params)
         except KeyboardInterrupt:

@@ -345,3 +345,16 @@ def test_evaluate_errors(seg, classifier_model, tmp_path):
     Image.fromarray(np.zeros((13, 11), np.uint8)).save(mixed_masks / "odd.png")
     one_line_error(runner.invoke(app, ["evaluate", "--model", model, "--data", str(mixed_images), "--masks",
                                        str(mixed_masks)]), str(mixed_images / "odd.png"), "different sizes")
+
+
+def test_segmentation_fine_tune_resumes_from_its_checkpoint(tmp_path):
+    prior = write_prior(tmp_path / "prior.pt", with_preprocess=False)
+    images, masks = write_pairs(tmp_path / "train")
+    short = ["--min-steps", "12", "--checkpoint-dir", str(tmp_path / "run")]
+    assert finetune(prior, images, masks, tmp_path / "a.pt", *short).exit_code == 0
+    # The finished fine-tune resumed: no epoch left, the same model.
+    result = finetune(prior, images, masks, tmp_path / "b.pt", *short, "--resume")
+    assert result.exit_code == 0, result.output
+    X = read_folder(images).astype(np.float32) / 255
+    np.testing.assert_array_equal(load_model(tmp_path / "b.pt").predict_proba(X[:, None]),
+                                  load_model(tmp_path / "a.pt").predict_proba(X[:, None]))

@@ -1,4 +1,4 @@
-"""Resumable prior fitting: a run killed (SIGKILL) at any moment and resumed gives the uninterrupted prior."""
+"""Resumable runs: a prior fit or a fine-tune killed (SIGKILL) at any moment and resumed gives the uninterrupted result."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
-from conftest import one_line_error, write_folder
+from conftest import one_line_error, write_folder, write_prior
 from sklearn_bayes_transfer.cli.app import app
+from skorch.callbacks import Callback
 from typer.testing import CliRunner
 
-from sklearn_bayes_transfer import Prior
-from sklearn_bayes_transfer.checkpoint import CHECKPOINT_FILE
+from sklearn_bayes_transfer import Prior, PriorRegularizedClassifier, load_model
+from sklearn_bayes_transfer.checkpoint import CHECKPOINT_FILE, FitCheckpoint
+from sklearn_bayes_transfer.data import load_image_folder
 from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.exceptions import (
     CheckpointError,
@@ -191,3 +194,101 @@ def test_fit_prior_command_resumes(tmp_path):
     fresh = runner.invoke(app, [*common, "--out", str(tmp_path / "c.pt"), "--checkpoint-dir", str(run), "--force"])
     assert fresh.exit_code == 0, fresh.output
     _assert_same_prior(Prior.load(tmp_path / "a.pt"), Prior.load(tmp_path / "c.pt"))
+
+
+# -- fine-tunes (FitCheckpoint, finetune --checkpoint-dir) ----------------------------------------------
+class _StopAfter(Callback):
+    """Ctrl-C at the end of an epoch, after that epoch's checkpoint."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_epoch_end(self, net, **kwargs):
+        if len(net.history) == self.epochs:
+            raise KeyboardInterrupt
+
+
+def _fine_tune(prior, folder, *, resume=False, extra=(), **params):
+    settings = dict(max_epochs=6, batch_size=16, random_state=0, verbose=0) | params
+    callbacks = [("checkpoint", FitCheckpoint(folder, resume=resume)), *extra]
+    return PriorRegularizedClassifier(prior, callbacks=callbacks, **settings)
+
+
+@pytest.mark.parametrize("prior_scale", ["auto", "evidence"])
+def test_a_fine_tune_resumes_to_the_uninterrupted_fit(tmp_path, prior_scale):
+    prior = Prior.load(write_prior(tmp_path / "prior.pt"))
+    X, y = load_digits_images()
+    X, y = X[:120], y[:120]
+    reference = _fine_tune(prior, tmp_path / "a", prior_scale=prior_scale).fit(X, y)
+    with pytest.raises(KeyboardInterrupt, match="partly trained"):
+        _fine_tune(prior, tmp_path / "b", prior_scale=prior_scale, extra=[("stop", _StopAfter(4))]).fit(X, y)
+    resumed = _fine_tune(prior, tmp_path / "b", resume=True, prior_scale=prior_scale).fit(X, y)
+    assert len(resumed.history) == 6 and resumed.prior_scale_ == reference.prior_scale_
+    np.testing.assert_array_equal(resumed.predict_proba(X), reference.predict_proba(X))
+    if prior_scale == "evidence":
+        assert resumed.evidence_trace_ == reference.evidence_trace_ and len(reference.evidence_trace_) == 4
+    # A finished fine-tune resumed: no epoch left, the same model (BatchNorm statistics recomputed again).
+    again = _fine_tune(prior, tmp_path / "a", resume=True, prior_scale=prior_scale).fit(X, y)
+    np.testing.assert_array_equal(again.predict_proba(X), reference.predict_proba(X))
+
+
+def test_fine_tune_checkpoints_refuse_what_they_cannot_resume(tmp_path):
+    prior = Prior.load(write_prior(tmp_path / "prior.pt"))
+    X, y = load_digits_images()
+    X, y = X[:64], y[:64]
+    _fine_tune(prior, tmp_path / "run", max_epochs=2).fit(X, y)
+    with pytest.raises(CheckpointError, match=r"lr=0.05, but this run has lr=0.1"):
+        _fine_tune(prior, tmp_path / "run", resume=True, max_epochs=2, lr=0.1).fit(X, y)
+    with pytest.raises(CheckpointError, match=r"n_train=64, but this run has n_train=48"):
+        _fine_tune(prior, tmp_path / "run", resume=True, max_epochs=2).fit(X[:48], y[:48])
+    with pytest.raises(CheckpointError, match="prior"):
+        other = Prior.load(write_prior(tmp_path / "other.pt", width=8))
+        _fine_tune(other, tmp_path / "run", resume=True, max_epochs=2).fit(X, y)
+    with pytest.raises(OutputExistsError, match="already holds a checkpoint"):
+        _fine_tune(prior, tmp_path / "run", max_epochs=2).fit(X, y)
+    with pytest.raises(CheckpointError, match="inference='swag' cannot be resumed"):
+        _fine_tune(prior, tmp_path / "swag", max_epochs=4, inference="swag", n_samples=2).fit(X, y)
+
+
+FINETUNE_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from sklearn_bayes_transfer.cli.app import app
+    torch.set_num_threads(1)
+    when, count = int(sys.argv[1]), [0]
+    step = torch.optim.SGD.step
+    def killing_step(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] == when:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(self, *args, **kwargs)
+    torch.optim.SGD.step = killing_step
+    app(sys.argv[2:])
+""")
+
+
+def test_finetune_command_killed_and_resumed(tmp_path):
+    prior = write_prior(tmp_path / "prior.pt")
+    data = write_folder(tmp_path / "imgs", 8)
+    common = ["finetune", "--prior", str(prior), "--data", str(data), "--max-epochs", "5", "--batch-size", "8",
+              "--device", "cpu", "--quiet"]
+    whole = runner.invoke(app, [*common, "--out", str(tmp_path / "a.pt"), "--checkpoint-dir", str(tmp_path / "a")])
+    assert whole.exit_code == 0, whole.output
+    killed = subprocess.run([sys.executable, "-c", FINETUNE_CHILD, "8", *common, "--out", str(tmp_path / "b.pt"),
+                             "--checkpoint-dir", str(tmp_path / "b")], check=False, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (tmp_path / "b.pt").exists() and (tmp_path / "b" / CHECKPOINT_FILE).exists()
+    resumed = runner.invoke(app, [*common, "--out", str(tmp_path / "b.pt"), "--checkpoint-dir", str(tmp_path / "b"),
+                                  "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    X, _ = load_image_folder(data, image_size=(8, 8))
+    np.testing.assert_array_equal(load_model(tmp_path / "b.pt").predict_proba(X),
+                                  load_model(tmp_path / "a.pt").predict_proba(X))
+    one_line_error(runner.invoke(app, [*common, "--out", str(tmp_path / "c.pt"), "--checkpoint-dir",
+                                       str(tmp_path / "b")]), "already holds a checkpoint")
+    one_line_error(runner.invoke(app, [*common, "--out", str(tmp_path / "c.pt"), "--checkpoint-dir",
+                                       str(tmp_path / "b"), "--resume", "--lr", "0.2"]), "lr=0.05", "lr=0.2")
+    one_line_error(runner.invoke(app, [*common, "--out", str(tmp_path / "c.pt"), "--resume"]),
+                   "--resume needs --checkpoint-dir")
+    assert not (tmp_path / "c.pt").exists()
