@@ -1,4 +1,4 @@
-"""``bt-transfer convert`` (between the two prior file formats) and ``convert-official`` (import a prior
+"""``bt-transfer convert`` (between the two file formats of priors and model files) and ``convert-official`` (import a prior
 released with the paper's code)."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from sklearn_bayes_transfer.exceptions import PriorFormatError
+from sklearn_bayes_transfer.modelfile import ModelFileError, convert_model
 from sklearn_bayes_transfer.prior import FactorNormalization, Prior
 
 from ._app import app, check_output, console, handle_errors
@@ -19,16 +21,24 @@ __all__ = ["convert", "convert_official"]
 @app.command("convert")
 @handle_errors
 def convert(
-    prior: Annotated[Path, typer.Argument(help="Prior file, in either format (read by content).")],
-    out: Annotated[Path, typer.Argument(help="Prior file to write: safetensors for a name ending in .safetensors, "
+    prior: Annotated[Path, typer.Argument(help="Prior or model file, in either format (read by content).")],
+    out: Annotated[Path, typer.Argument(help="File to write: safetensors for a name ending in .safetensors, "
                                         "else a torch file.")],
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
 ) -> None:
-    """Convert a prior between the torch and the safetensors file formats (same content, same digest)."""
+    """Convert a prior (or a fine-tuned model file) between the torch and the safetensors file formats."""
     check_output(out, force, inputs=(prior,))
-    loaded = Prior.load(prior)
-    loaded.save(out, overwrite=force)
     kind = "safetensors" if str(out).endswith(".safetensors") else "torch"
+    try:
+        loaded = Prior.load(prior)
+    except PriorFormatError as not_a_prior:
+        try:
+            convert_model(prior, out, overwrite=force)
+        except ModelFileError:
+            raise not_a_prior from None  # neither: the prior's message says what the file is not
+        console.print(f"wrote {out} ({kind}): the model file {prior}, same content", highlight=False)
+        return
+    loaded.save(out, overwrite=force)
     console.print(f"wrote {out} ({kind}): D = {loaded.n_params:,}, K = {loaded.rank}, digest {loaded.digest()[:12]}",
                   highlight=False)
 

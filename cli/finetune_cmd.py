@@ -13,7 +13,7 @@ import typer
 from skorch.callbacks import EarlyStopping, EpochScoring, ProgressBar
 from skorch.dataset import ValidSplit
 
-from sklearn_bayes_transfer.checkpoint import FitCheckpoint, prepare_checkpoint_dir
+from sklearn_bayes_transfer.checkpoint import FitCheckpoint
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier, index_accuracy
 from sklearn_bayes_transfer.data import load_image_folder, load_segmentation_folder
 from sklearn_bayes_transfer.exceptions import ConfigError
@@ -22,7 +22,7 @@ from sklearn_bayes_transfer.prior import Prior, PriorStructure
 from sklearn_bayes_transfer.sampling import Inference
 from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter, SegmentationHead
 
-from ._app import app, check_output, console, fail, handle_errors, resolve_device
+from ._app import app, check_output, console, handle_errors, resolve_device
 from ._options import (
     RECIPE_DEFAULTS,
     AugmentOption,
@@ -40,6 +40,13 @@ from ._options import (
     parse_image_size,
     parse_prior_scale,
     recipe_arguments,
+)
+from ._resume import (
+    CheckpointDirOption,
+    ForceOption,
+    ResumeOption,
+    check_checkpoint_options,
+    interrupted,
 )
 
 __all__ = ["finetune"]
@@ -229,13 +236,9 @@ def finetune(
              "segmentation, each image's own size).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     random_state: Annotated[int, typer.Option(help="Random seed (head initialisation, shuffling, split).")] = 0,
-    checkpoint_dir: Annotated[Optional[Path], typer.Option(
-        help="Save a checkpoint there after every epoch; a killed fine-tune continues with --resume "
-             "(inference map or laplace).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the fine-tune checkpointed in --checkpoint-dir "
-                                         "(same options; a fresh start if it holds none).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists (and start over a checkpoint "
-                                        "in --checkpoint-dir unless --resume).")] = False,
+    checkpoint_dir: CheckpointDirOption = None,
+    resume: ResumeOption = False,
+    force: ForceOption = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No per-epoch log or progress bar.")] = False,
 ) -> None:
     """Fine-tune the prior's backbone with a new head on labelled images or masks; save a model file."""
@@ -246,12 +249,8 @@ def finetune(
                               augment=augment, batchnorm=batchnorm, inference=inference)
     _check_task_options(task, masks, ignore_index, head)
     check_output(out, force, inputs=(prior,))  # before training, not after minutes of it
-    if resume and checkpoint_dir is None:
-        raise ConfigError("--resume needs --checkpoint-dir: the directory of the fine-tune to continue")
-    checkpoint = None
-    if checkpoint_dir is not None:
-        prepare_checkpoint_dir(checkpoint_dir, resume=resume, restart=force)  # refused now, not after loading
-        checkpoint = FitCheckpoint(checkpoint_dir, resume=resume)
+    check_checkpoint_options(checkpoint_dir, resume, force)
+    checkpoint = FitCheckpoint(checkpoint_dir, resume=resume) if checkpoint_dir is not None else None
     size = parse_image_size(image_size)
     device = resolve_device(device)
     prior_obj = Prior.load(prior)
@@ -269,7 +268,6 @@ def finetune(
     except KeyboardInterrupt:
         if checkpoint_dir is None:
             raise
-        fail(f"interrupted; {out} not written, the checkpoint in '{checkpoint_dir}' keeps the finished epochs: "
-             "rerun with --resume to continue", code=130)
+        interrupted(out, checkpoint_dir)
     save_model(estimator, out, overwrite=force)
     console.print(_summary(estimator, out, len(y), task), highlight=False, soft_wrap=True)

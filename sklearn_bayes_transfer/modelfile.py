@@ -17,6 +17,11 @@ users as in scikit-learn). Version 1 holds::
      "samples": dict or None,                            # Bayesian-inference state, see below
      "meta": {"library_version": ..., "created": ..., "optimizer": ..., "prior": {...}}}
 
+The same dict can be written as a safetensors file (a path ending in ``.safetensors``, or
+``file_format="safetensors"``): the tensors as safetensors tensors, everything else as JSON in the
+header's ``payload`` entry, each tensor replaced by ``{"__tensor__": name}``. :func:`load_model` reads
+both formats by content.
+
 The prior is not stored: a fitted network predicts without it. :func:`load_model` rebuilds the
 backbone from its registry name, the head from its spec, loads the weights and sets the fitted
 attributes, so ``predict``, ``predict_proba`` and ``score`` work as before saving.
@@ -35,6 +40,7 @@ hyperparameters are the ones the file recorded.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import warnings
@@ -49,16 +55,18 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._io import atomic_torch_save, safe_torch_load
+from ._io import atomic_torch_save, check_input_file, safe_torch_load
+from ._safetensors import is_safetensors, read_safetensors, write_safetensors
 from ._validation import Integral, Interval, Options, check_params, mismatch_report, plain
 from ._version import __version__
 from .backbones import BackboneWithHead, backbone_from_meta, backbone_meta
 from .data import Preprocess
 from .exceptions import BayesTransferError, ConfigError, PriorFormatError
 from .prior import FORMAT_NAME as PRIOR_FORMAT_NAME
+from .prior import own_storage
 
-__all__ = ["MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION", "ModelFileError", "SavableEstimator", "load_model",
-           "model_summary", "save_model"]
+__all__ = ["MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION", "ModelFileError", "SavableEstimator", "convert_model",
+           "load_model", "model_summary", "save_model"]
 
 MODEL_FORMAT_NAME = "sklearn-bayes-transfer/model"
 MODEL_FORMAT_VERSION = 1
@@ -108,7 +116,8 @@ class ModelFileError(PriorFormatError):
 
 
 # -- saving -----------------------------------------------------------------------------------------
-def save_model(estimator: Any, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+def save_model(estimator: Any, path: str | os.PathLike, *, overwrite: bool = True,
+               file_format: str | None = None) -> Path:
     """Write a fitted estimator to a model file, atomically.
 
     Parameters
@@ -120,6 +129,8 @@ def save_model(estimator: Any, path: str | os.PathLike, *, overwrite: bool = Tru
         The file to write.
     overwrite : bool, default=True
         If False and ``path`` exists, raise :class:`~sklearn_bayes_transfer.OutputExistsError`.
+    file_format : {"torch", "safetensors"}, optional
+        By default safetensors for a path ending in ``.safetensors``, else a ``torch.save`` file.
 
     Returns
     -------
@@ -145,7 +156,88 @@ def save_model(estimator: Any, path: str | os.PathLike, *, overwrite: bool = Tru
     >>> np.allclose(load_model(path).predict_proba(X), clf.predict_proba(X))  # doctest: +SKIP
     True
     """
-    return atomic_torch_save(_model_payload(estimator), path, overwrite=overwrite)
+    return _write_payload(_model_payload(estimator), path, overwrite=overwrite, file_format=file_format)
+
+
+def convert_model(source: str | os.PathLike, path: str | os.PathLike, *, overwrite: bool = True,
+                  file_format: str | None = None) -> Path:
+    """Write the model file ``source`` again in the other format (see :func:`save_model`); same content.
+
+    Raises
+    ------
+    ModelFileError
+        If ``source`` is not a readable model file.
+    """
+    payload = _read_payload(source)
+    _check_payload(payload, str(source))
+    return _write_payload(payload, path, overwrite=overwrite, file_format=file_format)
+
+
+def _write_payload(payload: dict[str, Any], path: str | os.PathLike, *, overwrite: bool,
+                   file_format: str | None) -> Path:
+    kind = file_format or ("safetensors" if str(path).endswith(".safetensors") else "torch")
+    if kind == "torch":
+        # Tensors read from a safetensors file view one mapped storage, which torch.save cannot write
+        # as several dtypes: give each its own.
+        return atomic_torch_save(_own_storages(payload), path, overwrite=overwrite)
+    if kind != "safetensors":
+        raise ConfigError(f"file_format={file_format!r} is not valid; expected 'torch' or 'safetensors'")
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _tensors_out(payload, tensors)
+    metadata = {"format": MODEL_FORMAT_NAME, "version": str(MODEL_FORMAT_VERSION), "payload": json.dumps(skeleton)}
+    return write_safetensors(tensors, metadata, path, overwrite=overwrite)
+
+
+def _own_storages(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return own_storage(value)
+    if isinstance(value, dict):
+        return {k: _own_storages(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_own_storages(v) for v in value]
+    return value
+
+
+def _tensors_out(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` with every tensor moved into ``tensors`` and replaced by a reference to it."""
+    if isinstance(value, torch.Tensor):
+        name = f"tensor/{len(tensors)}"
+        tensors[name] = value
+        return {"__tensor__": name}
+    if isinstance(value, dict):
+        return {k: _tensors_out(v, tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tensors_out(v, tensors) for v in value]
+    return value
+
+
+def _tensors_in(value: Any, tensors: Mapping[str, torch.Tensor], source: str) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            if value["__tensor__"] not in tensors:
+                raise ModelFileError(f"model file '{source}': its header refers to tensor {value['__tensor__']!r}, "
+                                     "which the file does not hold")
+            return tensors[value["__tensor__"]]
+        return {k: _tensors_in(v, tensors, source) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tensors_in(v, tensors, source) for v in value]
+    return value
+
+
+def _read_payload(path: str | os.PathLike) -> Any:
+    """A model file's dict, from either format (a safetensors prior reads as a prior's format name)."""
+    check_input_file(path, "model file", ModelFileError)
+    if not is_safetensors(path):
+        return safe_torch_load(path, what="model file", mmap=True, error=ModelFileError)
+    tensors, metadata = read_safetensors(path, what="model file", error=ModelFileError)
+    if metadata.get("format") != MODEL_FORMAT_NAME:
+        return {"format": metadata.get("format", "no 'format' entry")}  # _check_payload says what it is
+    try:
+        skeleton = json.loads(metadata["payload"])
+    except (KeyError, ValueError) as exc:
+        raise ModelFileError(f"model file '{path}': its safetensors header lacks or garbles its payload "
+                             f"({type(exc).__name__}: {exc})") from None
+    return _tensors_in(skeleton, tensors, str(path))
 
 
 def _model_payload(estimator: Any) -> dict[str, Any]:
@@ -242,7 +334,7 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu") -> Any:
     >>> clf.predict(images)                                         # doctest: +SKIP
     """
     source = str(path)
-    payload = safe_torch_load(path, what="model file", mmap=True, error=ModelFileError)
+    payload = _read_payload(path)
     _check_payload(payload, source)
     cls = _estimator_class(payload["estimator"], source)
     try:
@@ -268,7 +360,7 @@ def model_summary(path: str | os.PathLike) -> dict[str, Any]:
     5408.75
     """
     source = str(path)
-    payload = safe_torch_load(path, what="model file", mmap=True, error=ModelFileError)
+    payload = _read_payload(path)
     _check_payload(payload, source)
     samples = payload["samples"]
     return {

@@ -475,8 +475,8 @@ class Prior:
             # Tensors viewing a mapped safetensors file share one storage, which torch.save cannot
             # write as several dtypes: give each its own.
             for key in ("mean", "variance", "factor"):
-                payload[key] = _own_storage(payload[key])
-            payload["buffers"] = {k: _own_storage(v) for k, v in payload["buffers"].items()}
+                payload[key] = own_storage(payload[key])
+            payload["buffers"] = {k: own_storage(v) for k, v in payload["buffers"].items()}
             return atomic_torch_save(payload, path, overwrite=overwrite)
         if kind != "safetensors":
             raise ConfigError(f"file_format={file_format!r} is not valid; expected 'torch' or 'safetensors'")
@@ -640,7 +640,8 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return True
 
 
-def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+def own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy of it when it views part of a larger storage (torch.save writes whole storages)."""
     whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     return tensor if whole and tensor.storage_offset() == 0 else tensor.clone()
 

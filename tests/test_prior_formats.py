@@ -115,3 +115,61 @@ def test_convert_between_formats_and_inspect(prior, tmp_path):
     assert json.loads(result.stdout)["digest"] == "verified"
     one_line_error(runner.invoke(app, ["convert", str(source), str(out)]), "--force")
     one_line_error(runner.invoke(app, ["convert", str(source), str(source), "--force"]), "input file")
+
+
+# -- model files ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    from conftest import write_prior
+
+    from sklearn_bayes_transfer import PriorRegularizedClassifier
+    from sklearn_bayes_transfer.datasets import load_digits_images
+
+    folder = tmp_path_factory.mktemp("model")
+    X, y = load_digits_images()
+    clf = PriorRegularizedClassifier(str(write_prior(folder / "prior.pt")), max_epochs=4, verbose=0, random_state=0,
+                                     inference="swag", n_samples=2)
+    return clf.fit(X[:80], y[:80]), X[:80]
+
+
+def test_model_files_in_both_formats_hold_the_same_model(fitted, tmp_path):
+    import numpy as np
+
+    from sklearn_bayes_transfer import load_model, save_model
+    from sklearn_bayes_transfer.modelfile import _read_payload, convert_model, model_summary
+
+    clf, X = fitted
+    torch_file = save_model(clf, tmp_path / "m.pt")
+    st_file = save_model(clf, tmp_path / "m.safetensors")
+    with open(st_file, "rb") as f:
+        assert f.read(9)[8:9] == b"{"  # a safetensors file, no pickle
+    for path in (torch_file, st_file):
+        np.testing.assert_array_equal(load_model(path).predict_proba(X), clf.predict_proba(X))  # samples included
+    assert model_summary(st_file)["hyperparameters"] == model_summary(torch_file)["hyperparameters"]
+    back = convert_model(st_file, tmp_path / "back.pt")
+    a, b = _read_payload(torch_file), _read_payload(back)
+    assert a.keys() == b.keys() and a["fitted"] == b["fitted"] and a["meta"] == b["meta"]
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key])
+    # The command converts model files too, and a model file is told apart from a prior by content.
+    result = runner.invoke(app, ["convert", str(torch_file), str(tmp_path / "c.safetensors")])
+    assert result.exit_code == 0 and "model file" in result.stdout, result.output
+    np.testing.assert_array_equal(load_model(tmp_path / "c.safetensors").predict_proba(X), clf.predict_proba(X))
+
+
+def test_broken_safetensors_model_files_are_refused(fitted, prior, tmp_path):
+    from sklearn_bayes_transfer import ModelFileError, load_model, save_model
+
+    clf, _ = fitted
+    path = save_model(clf, tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match=r"cut.safetensors' is not a valid safetensors file.*truncated"):
+        load_model(tmp_path / "cut.safetensors")
+    prior.save(tmp_path / "p.safetensors")
+    with pytest.raises(ModelFileError, match="this is a prior file, not a fine-tuned model"):
+        load_model(tmp_path / "p.safetensors")
+    _forge(tmp_path / "forged.safetensors", {"__metadata__": {"format": "sklearn-bayes-transfer/model",
+                                                              "payload": "{not json"}})
+    with pytest.raises(ModelFileError, match="forged.safetensors': its safetensors header lacks or garbles"):
+        load_model(tmp_path / "forged.safetensors")
