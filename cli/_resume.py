@@ -1,4 +1,5 @@
-"""``--checkpoint-dir`` / ``--resume`` of ``fit-prior`` and ``finetune``: the options and their checks."""
+"""Runs that last: ``--checkpoint-dir`` / ``--resume`` of ``fit-prior`` and ``finetune``, and launches with
+several processes (which ``tune`` and ``compare`` refuse)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from typing import Annotated, NoReturn, Optional
 import typer
 
 from sklearn_bayes_transfer.checkpoint import prepare_checkpoint_dir
+from sklearn_bayes_transfer.distributed import launched_processes
 from sklearn_bayes_transfer.exceptions import ConfigError
 
 from ._app import fail
 
-__all__ = ["CheckpointDirOption", "ForceOption", "ResumeOption", "check_checkpoint_options", "interrupted"]
+__all__ = ["CheckpointDirOption", "ForceOption", "ResumeOption", "check_checkpoint_options", "interrupted",
+           "refuse_several_processes"]
 
 CheckpointDirOption = Annotated[Optional[Path], typer.Option(
     help="Save a checkpoint there after every epoch; a killed run continues with --resume, losing at most one "
@@ -37,3 +40,12 @@ def interrupted(out: Path, checkpoint_dir: Path) -> NoReturn:
     fail(f"interrupted; {out} not written, the checkpoint in '{checkpoint_dir}' keeps the finished epochs: "
          "rerun with --resume to continue", code=130)
     raise AssertionError("unreachable")  # fail() raises typer.Exit
+
+
+def refuse_several_processes(command: str) -> None:
+    """``tune`` and ``compare`` run many fits of their own: one process (their fits may use --n-jobs)."""
+    processes = launched_processes()
+    if processes > 1:
+        raise ConfigError(f"{command} was launched with {processes} processes (WORLD_SIZE), but it runs in one; "
+                          "launch fit-prior or finetune with torchrun / accelerate launch, and run "
+                          f"{command} without them (--n-jobs runs its fits in parallel)")

@@ -47,6 +47,7 @@ from ._options import (
     parse_image_size,
     recipe_arguments,
 )
+from ._resume import refuse_several_processes
 
 __all__ = ["compare"]
 
@@ -155,6 +156,7 @@ def compare(
 ) -> None:
     """Fine-tune standard and with each prior (the same recipe, budget and seeds), evaluate on --test, and print
     accuracy, NLL, ECE and fit time beside logistic regression and 1-NN on the pixels."""
+    refuse_several_processes("compare")
     if not prior:
         raise ConfigError("compare needs at least one --prior")
     methods = list(dict.fromkeys(scale))

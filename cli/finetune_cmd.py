@@ -16,6 +16,7 @@ from skorch.dataset import ValidSplit
 from sklearn_bayes_transfer.checkpoint import FitCheckpoint
 from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier, index_accuracy
 from sklearn_bayes_transfer.data import load_image_folder, load_segmentation_folder
+from sklearn_bayes_transfer.distributed import is_main_process
 from sklearn_bayes_transfer.exceptions import ConfigError
 from sklearn_bayes_transfer.modelfile import save_model
 from sklearn_bayes_transfer.prior import Prior, PriorStructure
@@ -269,5 +270,7 @@ def finetune(
         if checkpoint_dir is None:
             raise
         interrupted(out, checkpoint_dir)
+    if not is_main_process():
+        return  # launched with several processes: the main one writes the model and reports
     save_model(estimator, out, overwrite=force)
     console.print(_summary(estimator, out, len(y), task), highlight=False, soft_wrap=True)

@@ -49,6 +49,7 @@ from ._options import (
     parse_image_size,
     recipe_arguments,
 )
+from ._resume import refuse_several_processes
 
 __all__ = ["tune"]
 
@@ -157,6 +158,7 @@ def tune(
     """Grid-search the prior scale by cross-validation with finetune's recipe; print every candidate's mean and
     spread beside logistic regression on the pixels. finetune's default candidate is kept unless another beats it
     by more than one standard error of the fold-by-fold difference."""
+    refuse_several_processes("tune")
     scales = _parse_scales(prior_scale)
     wanted = _parse_structures(structures)
     get_scorer(scoring)

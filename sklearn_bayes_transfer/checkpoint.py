@@ -69,7 +69,7 @@ def prepare_checkpoint_dir(directory: str | os.PathLike, *, resume: bool, restar
         if not restart:
             raise OutputExistsError(f"checkpoint directory '{folder}' already holds a checkpoint; resume it "
                                     "(--resume, resume=True), start over (--force), or use another directory")
-        path.unlink()
+        path.unlink(missing_ok=True)  # another process of the same launch may have done it
     if is_main_process():  # the one that writes
         for stale in folder.glob(f".{CHECKPOINT_FILE}.*.tmp"):
             stale.unlink(missing_ok=True)

@@ -4,8 +4,11 @@
 ``WORLD_SIZE``; :class:`~sklearn_bayes_transfer.fitter.PriorFitter` then trains through skorch's
 ``AccelerateMixin`` (DDP: every process trains on its share of each batch and the gradients are
 averaged), collects SWAG from the identical weights, reduces the BatchNorm statistics over all
-processes' shares of the source set, and only the main process writes files. In one process
-nothing here is used and Accelerate is not imported. See ``docs/resume.md``.
+processes' shares of the source set, and only the main process writes files. The fine-tuning
+estimators do the same without a wrapper around their module (their code reads ``module_``
+directly): they join the process group through Accelerate's ``PartialState``, shard each batch
+(:class:`ShardSampler`) and average the gradients after backward (:func:`average_gradients_`). In
+one process nothing here is used and Accelerate is not imported. See ``docs/resume.md``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,8 +24,8 @@ from torch import nn
 
 from .exceptions import ConfigError
 
-__all__ = ["accelerated", "is_main_process", "launched_processes", "make_accelerator", "reduce_batchnorm_",
-           "unwrap"]
+__all__ = ["ShardSampler", "accelerated", "average_gradients_", "broadcast_", "is_main_process", "launched_processes",
+           "make_accelerator", "reduce_batchnorm_", "start_processes", "unwrap"]
 
 
 def launched_processes() -> int:
@@ -49,11 +53,20 @@ def make_accelerator(device: str) -> Any:
                           "training needs Accelerate: pip install 'sklearn-bayes-transfer[distributed]'") from None
     # split_batches: batch_size stays the global batch, so results do not depend on the process count.
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True), cpu=str(device) == "cpu")
-    if _distributed():
-        # A process group left to interpreter teardown aborts in gloo's threads ("terminate called
-        # without an active exception") once the other processes are gone: close it at exit.
-        atexit.register(_close_process_group)
+    _close_at_exit()
     return accelerator
+
+
+def _close_at_exit() -> None:
+    # A process group left to interpreter teardown aborts in gloo's threads ("terminate called
+    # without an active exception") once the other processes are gone: close it at exit, once.
+    global _CLOSING_REGISTERED
+    if _distributed() and not _CLOSING_REGISTERED:
+        atexit.register(_close_process_group)
+        _CLOSING_REGISTERED = True
+
+
+_CLOSING_REGISTERED = False
 
 
 def _close_process_group() -> None:
@@ -121,3 +134,80 @@ def reduce_batchnorm_(module: nn.Module, n_examples: int) -> None:
         pooled = stacked[0] / total
         mean.copy_(pooled)
         var.copy_(stacked[1] / total - pooled.square())
+
+
+# -- the estimators' data parallelism (no wrapper: their code reads module_ directly) ---------------
+
+
+def start_processes(device: str) -> tuple[int, int, str]:
+    """``(rank, processes, device)`` of this process: ``(0, 1, device)`` in a plain run; launched with
+    several, the process group is started through Accelerate and the device is this process's.
+
+    Raises
+    ------
+    ConfigError
+        If Accelerate is not installed.
+    """
+    if launched_processes() == 1:
+        return 0, 1, device
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        raise ConfigError(f"this run was launched with {launched_processes()} processes, and data-parallel "
+                          "training needs Accelerate: pip install 'sklearn-bayes-transfer[distributed]'") from None
+    state = PartialState(cpu=str(device) == "cpu")
+    _close_at_exit()
+    return state.process_index, state.num_processes, str(state.device)
+
+
+# Gradients are averaged in buckets of this many elements (as DDP's buckets): bounded extra memory.
+_BUCKET = 1 << 23
+
+
+@torch.no_grad()
+def average_gradients_(parameters: list[torch.Tensor]) -> None:
+    """Replace every gradient by its mean over the processes (what DDP does after backward)."""
+    world = torch.distributed.get_world_size()
+    for bucket in _buckets([p.grad for p in parameters if p.grad is not None]):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        torch.distributed.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def _buckets(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Consecutive groups of tensors of one dtype and at most ``_BUCKET`` elements (or one larger tensor)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for tensor in tensors:
+        if bucket and (size + tensor.numel() > _BUCKET or tensor.dtype != bucket[0].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(tensor)
+        size += tensor.numel()
+    if bucket:
+        yield bucket
+
+
+@torch.no_grad()
+def broadcast_(tensors: list[torch.Tensor]) -> None:
+    """Give every process the main process's values of ``tensors`` (weights, buffers, a scale)."""
+    for tensor in tensors:
+        torch.distributed.broadcast(tensor, src=0)
+
+
+class ShardSampler(torch.utils.data.DistributedSampler):
+    """``DistributedSampler`` that moves to the next epoch's shuffle by itself at each pass.
+
+    Without shuffling, process ``r`` of ``N`` takes examples ``r, r + N, r + 2N, ...``, so its
+    ``k``-th batch of ``b`` and the others' together are the ``k``-th batch of ``N * b`` that one
+    process would take.
+    """
+
+    def __iter__(self):  # noqa: ANN204 - DataLoader's protocol
+        iterator = super().__iter__()
+        self.set_epoch(self.epoch + 1)
+        return iterator

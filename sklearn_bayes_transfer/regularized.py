@@ -51,7 +51,7 @@ from .backbones import BackboneWithHead, backbone_from_meta
 from .bayes import BayesianInferenceMixin
 from .curvature import diagonal_fisher
 from .data import Preprocess, TransformedDataset, prepare_images
-from .distributed import launched_processes
+from .distributed import ShardSampler, average_gradients_, broadcast_, launched_processes, start_processes
 from .evidence import CURVATURE_MAX_EXAMPLES, EvidencePriorScale, resolve_scale_bounds
 from .exceptions import (
     ConfigError,
@@ -267,10 +267,7 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         ``random_state`` set, the whole fit (head initialisation, shuffling, dropout, sampling) is
         reproducible and torch's global RNG is left untouched.
         """
-        if launched_processes() > 1:
-            raise ConfigError(f"this fine-tune was launched with {launched_processes()} processes (WORLD_SIZE), but "
-                              "data-parallel fine-tuning is not supported yet: run it in one process (without "
-                              "torchrun / accelerate launch); only fit-prior / PriorFitter trains data-parallel")
+        self._join_processes()
         X, y = self._fit_inputs(X, y)
         fresh = not self.warm_start or not getattr(self, "initialized_", False)
         X = self._validate_X(X, reset=fresh)
@@ -290,6 +287,46 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         finally:
             del self._in_fit_
 
+    # -- data parallelism (launched with torchrun / accelerate launch: docs/resume.md) --------------
+    def _join_processes(self) -> None:
+        """Launched with several processes: join their group, train on this process's device."""
+        processes = launched_processes()
+        if processes > 1 and isinstance(self.inference, str) and self.inference == "sgld":
+            raise ConfigError(f"inference='sgld' cannot train on {processes} processes: its noise would differ from "
+                              "process to process; run it in one process, or use inference='swag' or 'map'")
+        _, self._processes_, device = start_processes(resolve_device(self.device))
+        if self._processes_ > 1:
+            self.device = device  # this process's accelerator (cuda:LOCAL_RANK), as skorch resolves "auto"
+
+    def _data_parallel(self) -> bool:
+        return getattr(self, "_processes_", 1) > 1
+
+    def train_step_single(self, batch, **fit_params):
+        """skorch's step; on several processes the gradients are then averaged over them (as DDP does)."""
+        step = super().train_step_single(batch, **fit_params)
+        if self._data_parallel():
+            average_gradients_(list(self.module_.parameters()))
+        return step
+
+    def get_iterator(self, dataset, training=False):
+        """skorch's iterator; on several processes each training batch is shared out between them."""
+        if not (training and self._data_parallel()):
+            return super().get_iterator(dataset, training=training)
+        kwargs = self.get_params_for("iterator_train")
+        batch_size = int(kwargs.pop("batch_size", self.batch_size))
+        processes = self._processes_
+        if batch_size % processes:
+            raise ConfigError(f"batch_size={batch_size} cannot be split over {processes} processes; use a multiple "
+                              f"of {processes}")
+        share = batch_size // processes
+        sampler = ShardSampler(dataset, num_replicas=processes, rank=torch.distributed.get_rank(),
+                               shuffle=bool(kwargs.pop("shuffle", True)),
+                               seed=int(getattr(self, "random_state", None) or 0))
+        if kwargs.get("drop_last") is None:  # TrainLoader's rule, for this process's share of the data
+            n = len(sampler)
+            kwargs["drop_last"] = n > share and 0 < n % share < share / 4
+        return self.iterator_train(dataset, batch_size=share, sampler=sampler, shuffle=False, **kwargs)
+
     def partial_fit(self, X, y=None, classes=None, **fit_params):
         """Continue training on more data (the first call fits), with a new learning rate schedule."""
         if not getattr(self, "_in_fit_", False):
@@ -303,6 +340,8 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         self._prior_value_cache_ = self._pending_prior_steps_ = None
         self._interrupted_ = False
         self._resumed_epochs_ = 0
+        if self._data_parallel():
+            broadcast_(list(self.module_.state_dict().values()))  # one starting point, as DDP's
         result = super().partial_fit(X, y, classes=classes, **fit_params)
         if self._interrupted_:
             # skorch ends training quietly on Ctrl-C and returns the half-trained net as if fitted.
@@ -475,6 +514,9 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         super().run_single_epoch(iterator, training, prefix, step_fn, **fit_params)
         if training and iterator is not None:
             self._flush_prior_steps()
+            if self._data_parallel():
+                # Every process's BatchNorm statistics saw its own share: keep the main one's (as DDP).
+                broadcast_(list(self.module_.buffers()))
 
     @torch.no_grad()
     def _proximal_step(self) -> None:
@@ -554,6 +596,10 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
 
     def _set_prior_scale(self, scale: float) -> None:
         """Use ``scale`` from now on: a new penalty (pending prior steps must be applied first)."""
+        if self._data_parallel():
+            value = torch.tensor(float(scale), dtype=torch.float64, device=self.device)
+            broadcast_([value])  # the evidence is estimated on every process; the main one's counts
+            scale = float(value)
         self.prior_scale_ = float(scale)
         self.penalty_ = PriorPenalty(self.prior_, scale=self.prior_scale_, eps=float(self.prior_eps),
                                      structure=self._structure(), factor_dtype=_factor_dtype(self.factor_dtype))

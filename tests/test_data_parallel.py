@@ -1,4 +1,4 @@
-"""PriorFitter and fit-prior launched with two CPU processes (torchrun, gloo) through Accelerate."""
+"""Prior fitting and fine-tuning launched with two CPU processes (torchrun, gloo): the one-process results."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from sklearn_bayes_transfer.cli.app import app
 from torch import nn
 from typer.testing import CliRunner
 
-from sklearn_bayes_transfer import Prior
+from sklearn_bayes_transfer import Prior, PriorRegularizedClassifier, load_model
+from sklearn_bayes_transfer.data import load_image_folder
 from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.distributed import reduce_batchnorm_
 from sklearn_bayes_transfer.exceptions import ConfigError
@@ -137,11 +138,66 @@ def test_launched_without_accelerate_or_with_an_uneven_batch(monkeypatch):
         PriorFitter(**small, accelerator="yes").fit(X[:64], y[:64])
 
 
-def test_finetune_under_several_processes_says_it_is_not_supported(tmp_path, monkeypatch):
+FINETUNE = textwrap.dedent("""
+    import copy, sys
+    import torch
+    from torch import nn
+    from sklearn_bayes_transfer import Prior, PriorRegularizedClassifier
+    from sklearn_bayes_transfer.backbones import BackboneWithHead
+    from sklearn_bayes_transfer.datasets import load_digits_images
+    from sklearn_bayes_transfer.distributed import is_main_process
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+    X, y = load_digits_images()
+    clf = PriorRegularizedClassifier(Prior.from_module(mlp, variance=0.01),
+                                     module=BackboneWithHead(copy.deepcopy(mlp), nn.Linear(16, 10)), max_epochs=5,
+                                     batch_size=32, augment="none", iterator_train__shuffle=False, verbose=0,
+                                     random_state=0, prior_scale=sys.argv[2]).fit(X[:256], y[:256])
+    if is_main_process():
+        torch.save({"state": clf.module_.state_dict(), "scale": clf.prior_scale_}, sys.argv[1])
+""")
+
+
+@pytest.mark.parametrize("prior_scale", ["auto", "evidence"])
+def test_two_processes_fine_tune_as_one(tmp_path, prior_scale):
+    script = tmp_path / "finetune.py"
+    script.write_text(FINETUNE)
+    two = _torchrun(str(script), str(tmp_path / "two.pt"), prior_scale)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt"), prior_scale], check=False,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("one", "two"))
+    assert b["scale"] == pytest.approx(a["scale"], rel=1e-4)
+    for key, value in a["state"].items():
+        torch.testing.assert_close(b["state"][key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_finetune_command_under_torchrun_writes_one_model(tmp_path):
+    prior = write_prior(tmp_path / "prior.pt")
+    data = write_folder(tmp_path / "imgs", 8)
+    run = _torchrun("-m", "sklearn_bayes_transfer.cli", "finetune", "--prior", str(prior), "--data", str(data),
+                    "--out", str(tmp_path / "m.pt"), "--max-epochs", "3", "--batch-size", "8", "--device", "cpu",
+                    "--quiet", "--checkpoint-dir", str(tmp_path / "run"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote ") == 1, run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "m.pt", "prior.pt", "run"]
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["checkpoint.pt"]
+    X, _ = load_image_folder(data, image_size=(8, 8))
+    assert load_model(tmp_path / "m.pt").predict(X).shape == (len(X),)
+
+
+def test_what_cannot_run_on_several_processes_says_so(tmp_path, monkeypatch):
     prior = write_prior(tmp_path / "prior.pt")
     data = write_folder(tmp_path / "imgs", 4)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    result = runner.invoke(app, ["finetune", "--prior", str(prior), "--data", str(data), "--out",
-                                 str(tmp_path / "m.pt"), "--max-epochs", "1"])
-    one_line_error(result, "launched with 2 processes", "not supported yet", "one process")
-    assert not (tmp_path / "m.pt").exists()
+    for command in (["tune", "--prior", str(prior), "--data", str(data)],
+                    ["compare", "--prior", str(prior), "--data", str(data), "--test", str(data)]):
+        one_line_error(runner.invoke(app, command), f"{command[0]} was launched with 2 processes", "--n-jobs")
+    X, y = load_digits_images()
+    with pytest.raises(ConfigError, match="inference='sgld' cannot train on 2 processes"):
+        PriorRegularizedClassifier(Prior.load(prior), inference="sgld").fit(X[:32], y[:32])
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    with pytest.raises(ConfigError, match=r"launched with 2 processes.*pip install"):
+        PriorRegularizedClassifier(Prior.load(prior)).fit(X[:32], y[:32])
