@@ -207,7 +207,7 @@ class ShardSampler(torch.utils.data.DistributedSampler):
     process would take.
     """
 
-    def __iter__(self):  # noqa: ANN204 - DataLoader's protocol
+    def __iter__(self):
         iterator = super().__iter__()
         self.set_epoch(self.epoch + 1)
         return iterator

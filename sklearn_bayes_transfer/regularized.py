@@ -51,7 +51,13 @@ from .backbones import BackboneWithHead, backbone_from_meta
 from .bayes import BayesianInferenceMixin
 from .curvature import diagonal_fisher
 from .data import Preprocess, TransformedDataset, prepare_images
-from .distributed import ShardSampler, average_gradients_, broadcast_, launched_processes, start_processes
+from .distributed import (
+    ShardSampler,
+    average_gradients_,
+    broadcast_,
+    launched_processes,
+    start_processes,
+)
 from .evidence import CURVATURE_MAX_EXAMPLES, EvidencePriorScale, resolve_scale_bounds
 from .exceptions import (
     ConfigError,
