@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from sklearn_bayes_transfer.checkpoint import CHECKPOINT_FORMAT, checkpoint_summary
 from sklearn_bayes_transfer.modelfile import MODEL_FORMAT_NAME, model_summary
 from sklearn_bayes_transfer.prior import Prior
 
@@ -52,17 +53,21 @@ def _finite_or_none(value: Any) -> Any:
 @handle_errors
 def inspect(
     prior_path: Annotated[Path, typer.Argument(metavar="FILE", help="Prior file written by fit-prior, "
-                                               "convert-official or Prior.save, or a model file written by "
-                                               "finetune.")],
+                                               "convert-official or Prior.save, a model file written by "
+                                               "finetune, or a checkpoint (--checkpoint-dir).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Check a prior's content against the digest stored when "
                                          "it was saved (reads the whole file).")] = False,
 ) -> None:
-    """Show a prior's backbone, size, variance statistics and reference scale lambda_0, or a model's
-    estimator, prior scale (with the evidence trace of --prior-scale evidence) and posterior samples."""
+    """Show a prior's backbone, size, variance statistics and reference scale lambda_0, a model's
+    estimator, prior scale (with the evidence trace of --prior-scale evidence) and posterior samples, or a
+    checkpoint's progress and settings."""
     payload = Prior.read_payload(prior_path)
     if isinstance(payload, dict) and payload.get("format") == MODEL_FORMAT_NAME:
         _print_model(model_summary(prior_path), as_json)
+        return
+    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+        _print_checkpoint(checkpoint_summary(prior_path), as_json)
         return
     prior = Prior.from_dict(payload, source=str(prior_path), verify=verify)
     info = _prior_summary(prior, prior_path)
@@ -99,6 +104,25 @@ def inspect(
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def _print_checkpoint(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(_finite_or_none(info), indent=2, default=str, allow_nan=False))
+        return
+    table = Table(title=f"checkpoint {info['file']}", show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    last = info["last_epoch"]
+    table.add_row("epochs done", str(info["epochs_done"]))
+    for key in ("train_loss", "task_loss", "prior_nll", "prior_scale", "swag_snapshots", "valid_loss"):
+        if key in last:
+            table.add_row(f"last epoch: {key}", f"{last[key]:.4g}" if isinstance(last[key], float) else str(last[key]))
+    for key, value in info["settings"].items():
+        table.add_row(f"setting {key}", json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    table.add_row("library_version", str(info["library_version"]))
+    console.print(table)
+    console.print("continue it with the same command and options plus --resume", highlight=False)
 
 
 def _print_model(info: dict[str, Any], as_json: bool) -> None:

@@ -30,12 +30,12 @@ from ._version import __version__
 from .distributed import is_main_process, unwrap
 from .exceptions import CheckpointError, OutputExistsError
 
-__all__ = ["CHECKPOINT_FILE", "EpochCheckpoint", "FitCheckpoint", "prepare_checkpoint_dir", "read_checkpoint",
-           "restore_net"]
+__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "EpochCheckpoint", "FitCheckpoint", "checkpoint_summary", "prepare_checkpoint_dir",
+           "read_checkpoint", "restore_net"]
 
 #: Name of the checkpoint file inside a checkpoint directory.
 CHECKPOINT_FILE = "checkpoint.pt"
-_FORMAT = "sklearn-bayes-transfer/checkpoint"
+CHECKPOINT_FORMAT = _FORMAT = "sklearn-bayes-transfer/checkpoint"
 _FORMAT_VERSION = 1
 
 
@@ -278,3 +278,25 @@ class FitCheckpoint(EpochCheckpoint):
         if evidence is not None and getattr(evidence, "active_", False):
             saved["evidence"] = {"step_": evidence.step_, "trace_": list(evidence.trace_)}
         return {"prior_scale": None if net.prior_scale_ is None else float(net.prior_scale_), "callbacks": saved}
+
+
+def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint holds, as plain python: epochs done, the run's settings, its last losses.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is unreadable or not a checkpoint of ours.
+    """
+    state = safe_torch_load(path, what="checkpoint", error=CheckpointError)
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise CheckpointError(f"'{path}' is not a sklearn-bayes-transfer checkpoint")
+    try:
+        history = json.loads(state["history"])
+        settings = json.loads(state["settings"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint '{path}' is incomplete or corrupt ({exc})") from None
+    last = history[-1] if history else {}
+    return {"file": str(path), "epochs_done": int(state.get("epochs", len(history))),
+            "library_version": state.get("library_version"), "settings": settings,
+            "last_epoch": {k: v for k, v in last.items() if k != "batches"}}

@@ -650,9 +650,9 @@ def _safetensors_payload(path: str | os.PathLike) -> dict[str, Any]:
     """A safetensors prior as the dict :meth:`Prior.from_dict` reads (its header's strings decoded)."""
     tensors, metadata = read_safetensors(path, what="prior file", error=PriorFormatError)
     if metadata.get("format") != FORMAT_NAME:
-        found = metadata.get("format", "no 'format' entry")
-        raise PriorFormatError(f"prior file '{path}' is a safetensors file but not a sklearn-bayes-transfer prior "
-                               f"(format: {found!r})")
+        # Another kind of file (a model file, a foreign safetensors file): from_dict says what it is,
+        # as it does for a torch file, and inspect can tell a model file by its format.
+        return {"format": metadata.get("format", "no 'format' entry in its safetensors header")}
     try:
         version = int(metadata.get("version", ""))
         decoded = {key: json.loads(metadata[key]) for key in ("names", "shapes", "meta", "buffers")}

@@ -152,6 +152,8 @@ def test_model_files_in_both_formats_hold_the_same_model(fitted, tmp_path):
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key])
     # The command converts model files too, and a model file is told apart from a prior by content.
+    shown = runner.invoke(app, ["inspect", str(st_file)])
+    assert shown.exit_code == 0 and "PriorRegularizedClassifier" in shown.stdout, shown.output
     result = runner.invoke(app, ["convert", str(torch_file), str(tmp_path / "c.safetensors")])
     assert result.exit_code == 0 and "model file" in result.stdout, result.output
     np.testing.assert_array_equal(load_model(tmp_path / "c.safetensors").predict_proba(X), clf.predict_proba(X))

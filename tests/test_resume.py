@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -100,7 +101,6 @@ def test_checkpointing_does_not_change_the_prior(uninterrupted):
     ("step", 24),   # the last step of the last epoch
 ])
 def test_a_killed_run_resumes_to_the_uninterrupted_prior(tmp_path, uninterrupted, where, when):
-    import json
     child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(SETTINGS), where, str(when), str(tmp_path)],
                            check=False, capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr
@@ -180,6 +180,11 @@ def test_fit_prior_command_resumes(tmp_path):
     first = runner.invoke(app, [*common, "--out", str(tmp_path / "a.pt"), "--checkpoint-dir", str(run)])
     assert first.exit_code == 0, first.output
     assert (run / CHECKPOINT_FILE).is_file()
+    shown = runner.invoke(app, ["inspect", str(run / CHECKPOINT_FILE), "--json"])
+    assert shown.exit_code == 0, shown.output
+    info = json.loads(shown.stdout)
+    assert info["epochs_done"] == 4 and info["settings"]["rank"] == 2 and "train_loss" in info["last_epoch"]
+    assert "epochs done" in runner.invoke(app, ["inspect", str(run / CHECKPOINT_FILE)]).stdout
     # The finished run resumed: no epoch left, the same prior exported again.
     again = runner.invoke(app, [*common, "--out", str(tmp_path / "b.pt"), "--checkpoint-dir", str(run), "--resume"])
     assert again.exit_code == 0, again.output
