@@ -25,6 +25,7 @@ measurements behind each choice):
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from skorch.callbacks import Callback
+from skorch.callbacks import Callback, EarlyStopping
 from torch.utils.data import DataLoader
 
 from .batchnorm import batchnorm_inputs, recompute_batchnorm
@@ -225,8 +226,24 @@ class RecomputeBatchNorm(Callback):
             dataset = net.get_split_datasets(X, y)[0]  # a finished fine-tune resumed: no epoch ran
         if dataset is None:
             return
+        best = _best_weights_to_restore(net)
+        if best is not None:
+            net.module_.load_state_dict(best.best_model_weights_)  # the statistics are those of the kept weights
         inputs = batchnorm_inputs(dataset, int(net.batch_size), torch.Generator().manual_seed(0))
         recompute_batchnorm(net, inputs)
+        if best is not None:
+            # EarlyStopping loads its weights after this callback: give it the recomputed statistics.
+            best.best_model_weights_ = copy.deepcopy(net.module_.state_dict())
+
+
+def _best_weights_to_restore(net: Any) -> Any:
+    """The EarlyStopping callback that will load its best weights at the end of this fit, if any."""
+    for _, callback in getattr(net, "callbacks_", []):
+        if isinstance(callback, EarlyStopping) and callback.load_best \
+                and getattr(callback, "best_model_weights_", None) is not None \
+                and callback.best_epoch_ != net.history[-1, "epoch"]:
+            return callback
+    return None
 
 
 class TrainLoader(DataLoader):

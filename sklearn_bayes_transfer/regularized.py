@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_array
-from skorch.callbacks import Callback, PassthroughScoring
+from skorch.callbacks import Callback, EarlyStopping, PassthroughScoring
 from skorch.dataset import ValidSplit, unpack_data
 from skorch.utils import to_device
 from torch import nn
@@ -372,8 +372,13 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         try:
             return super().fit_loop(X, y, epochs=epochs, **fit_params)
         except KeyboardInterrupt:
-            self._interrupted_ = True
+            # skorch's EarlyStopping ends training by raising KeyboardInterrupt too: that is a finished fit.
+            self._interrupted_ = not self._stopped_early()
             raise
+
+    def _stopped_early(self) -> bool:
+        return any(isinstance(cb, EarlyStopping) and getattr(cb, "misses_", 0) >= cb.patience
+                   for _, cb in getattr(self, "callbacks_", []))
 
     def _fit_inputs(self, X: Any, y: Any) -> tuple[Any, Any]:
         """Hook: checks and unpacking of ``(X, y)`` before validation (identity by default)."""

@@ -362,3 +362,11 @@ def test_help_lists_the_commands():
         assert command in result.stdout
         sub = runner.invoke(app, [command, "--help"])
         assert sub.exit_code == 0 and "Usage" in sub.stdout
+
+
+def test_early_stopping_that_fires_writes_the_model(folders):
+    # A learning rate this high makes the validation loss rise at once: EarlyStopping ends the fit.
+    result = _finetune(folders, "--valid-fraction", "0.34", "--early-stopping", "1", "--lr", "2", "--max-epochs", "60",
+                       "--lr-schedule", "constant")
+    assert result.exit_code == 0, result.output  # not "interrupted": EarlyStopping stops skorch with Ctrl-C's exception
+    assert folders["out"].exists() and "wrote" in result.stdout and " 60 epochs" not in result.stdout

@@ -271,3 +271,29 @@ def test_classifier_resizes_to_the_prior_segmenter_keeps_the_size(prior):
     seg = PriorRegularizedSegmenter(prior, max_epochs=1, verbose=0).fit(X, (X > 0.5).astype(np.int64))
     assert seg.preprocess_.image_size is None and seg.input_shape_ == (1, 12, 12)
     assert seg.preprocess_.mean == (0.3,) and seg.preprocess_.std == (0.3,)
+
+
+class _KeepTrainSplit(Callback):
+    def on_epoch_begin(self, net, dataset_train=None, **kwargs):
+        self.dataset_ = dataset_train
+
+
+def test_early_stopping_ends_a_fit_with_the_best_weights_and_their_statistics(prior, digits):
+    from skorch.callbacks import EarlyStopping
+    from skorch.dataset import ValidSplit
+
+    from sklearn_bayes_transfer.batchnorm import batchnorm_buffers, batchnorm_inputs, recompute_batchnorm
+
+    X, y = digits
+    stop, keep = EarlyStopping(patience=1, load_best=True), _KeepTrainSplit()
+    clf = PriorRegularizedClassifier(prior, max_epochs=60, lr=0.5, verbose=0, random_state=0,
+                                     train_split=ValidSplit(0.3, stratified=True, random_state=0),
+                                     callbacks=[("stop", stop), ("keep", keep)])
+    clf.fit(X[:100], y[:100])  # skorch's EarlyStopping raises KeyboardInterrupt: a finished fit, not Ctrl-C
+    assert len(clf.history) < 60 and stop.best_epoch_ < len(clf.history)
+    # The weights kept are the best epoch's, with BatchNorm statistics recomputed for them: doing it
+    # again changes nothing.
+    before = {k: v.clone() for k, v in batchnorm_buffers(clf.module_)}
+    recompute_batchnorm(clf, batchnorm_inputs(keep.dataset_, int(clf.batch_size), torch.Generator().manual_seed(0)))
+    for key, value in batchnorm_buffers(clf.module_):
+        torch.testing.assert_close(value, before[key])
