@@ -10,7 +10,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from sklearn_bayes_transfer._io import check_input_file
 from sklearn_bayes_transfer.checkpoint import CHECKPOINT_FORMAT, checkpoint_summary
+from sklearn_bayes_transfer.exceptions import PriorFormatError
 from sklearn_bayes_transfer.modelfile import MODEL_FORMAT_NAME, model_summary
 from sklearn_bayes_transfer.prior import Prior
 
@@ -62,6 +64,7 @@ def inspect(
     """Show a prior's backbone, size, variance statistics and reference scale lambda_0, a model's
     estimator, prior scale (with the evidence trace of --prior-scale evidence) and posterior samples, or a
     checkpoint's progress and settings."""
+    check_input_file(prior_path, "file", PriorFormatError)  # it may be a prior, a model or a checkpoint
     payload = Prior.read_payload(prior_path)
     if isinstance(payload, dict) and payload.get("format") == MODEL_FORMAT_NAME:
         _print_model(model_summary(prior_path), as_json)
