@@ -16,7 +16,8 @@ import torch
 
 from .exceptions import OutputExistsError, OutputWriteError, PriorFormatError
 
-__all__ = ["atomic_torch_save", "atomic_write", "check_input_file", "check_output_path", "safe_torch_load"]
+__all__ = ["atomic_torch_save", "atomic_write", "check_input_file", "check_output_path", "own_storages",
+           "safe_torch_load"]
 
 
 def check_output_path(path: str | os.PathLike, *, overwrite: bool) -> Path:
@@ -139,6 +140,22 @@ def check_input_file(path: str | os.PathLike, what: str, error: type[Exception])
     if not stat.S_ISREG(info.st_mode):
         raise error(f"{what} '{path}' is not a regular file ({_kind(path)}); expected a file")
     return path
+
+
+def own_storages(value: Any) -> Any:
+    """``value`` with every tensor (in dicts and lists) that views part of a larger storage copied.
+
+    Tensors read from a memory-mapped safetensors file view one storage, which ``torch.save``
+    cannot write as several dtypes; whole tensors are kept as they are.
+    """
+    if isinstance(value, torch.Tensor):
+        whole = value.untyped_storage().nbytes() == value.numel() * value.element_size()
+        return value if whole and value.storage_offset() == 0 else value.clone()
+    if isinstance(value, dict):
+        return {k: own_storages(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [own_storages(v) for v in value]
+    return value
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike, *, overwrite: bool = True) -> Path:

@@ -18,14 +18,23 @@ import torch
 from safetensors.torch import save_file
 
 from ._io import atomic_write, check_input_file
+from .exceptions import ConfigError
 
-__all__ = ["is_safetensors", "read_safetensors", "write_safetensors"]
+__all__ = ["file_format_for", "is_safetensors", "read_safetensors", "write_safetensors"]
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 # A header longer than this is not a prior's or a model's (it would describe millions of tensors).
 _MAX_HEADER = 100 * 2**20
+
+
+def file_format_for(path: str | os.PathLike, file_format: str | None) -> str:
+    """``file_format`` checked, or by default ``"safetensors"`` for a name ending in ``.safetensors``, else ``"torch"``."""
+    kind = file_format or ("safetensors" if str(path).endswith(".safetensors") else "torch")
+    if kind not in ("torch", "safetensors"):
+        raise ConfigError(f"file_format={file_format!r} is not valid; expected 'torch' or 'safetensors'")
+    return kind
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:

@@ -20,7 +20,7 @@ import torch
 from .exceptions import ConfigError
 
 __all__ = ["PLAIN_TYPES", "HasMethods", "Integral", "Interval", "Options", "Real", "as_numpy", "check_choice", "check_params",
-           "mismatch_report", "plain"]
+           "mismatch_report", "plain", "qualified_name"]
 
 #: Scalar types a prior's or model file's metadata may hold (with lists and str-keyed dicts of them).
 PLAIN_TYPES = (str, int, float, bool, type(None))
@@ -58,6 +58,18 @@ def as_numpy(x: Any) -> np.ndarray:
             x = x.float()
         return x.numpy()
     return np.asarray(x)
+
+
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class, as files and settings record one.
+
+    Examples
+    --------
+    >>> import torch
+    >>> qualified_name(torch.optim.SGD)
+    'torch.optim.sgd.SGD'
+    """
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def plain(value: Any, where: str, *, error: type[Exception] = ConfigError, tensors: bool = False) -> Any:

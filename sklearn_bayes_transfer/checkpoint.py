@@ -25,17 +25,17 @@ from skorch.callbacks import Callback
 from skorch.history import History
 
 from ._io import atomic_torch_save, safe_torch_load
-from ._validation import plain
+from ._validation import plain, qualified_name
 from ._version import __version__
 from .distributed import is_main_process, unwrap
 from .exceptions import CheckpointError, OutputExistsError
 
-__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "EpochCheckpoint", "FitCheckpoint", "checkpoint_summary", "prepare_checkpoint_dir",
-           "read_checkpoint", "restore_net"]
+__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "EpochCheckpoint", "FitCheckpoint", "checkpoint_summary",
+           "prepare_checkpoint_dir", "read_checkpoint", "restore_net"]
 
 #: Name of the checkpoint file inside a checkpoint directory.
 CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = _FORMAT = "sklearn-bayes-transfer/checkpoint"
+CHECKPOINT_FORMAT = "sklearn-bayes-transfer/checkpoint"
 _FORMAT_VERSION = 1
 
 
@@ -120,7 +120,7 @@ class EpochCheckpoint(Callback):
         if not is_main_process():
             return  # the weights are the same on every process; one writes
         state = {
-            "format": _FORMAT, "format_version": _FORMAT_VERSION, "library_version": __version__,
+            "format": CHECKPOINT_FORMAT, "format_version": _FORMAT_VERSION, "library_version": __version__,
             "settings": json.dumps(plain(dict(self.settings), "settings"), sort_keys=True),
             "epochs": len(net.history),
             "module": unwrap(net.module_).state_dict(),
@@ -144,8 +144,20 @@ def read_checkpoint(path: str | os.PathLike, settings: Mapping[str, Any]) -> dic
     path = Path(path)
     if not path.exists():
         return None
-    state = safe_torch_load(path, what="checkpoint", error=CheckpointError)
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+    state, saved = _load(path, mmap=False)
+    current = plain(dict(settings), "settings")
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            raise CheckpointError(
+                f"checkpoint '{path}' comes from a run with {key}={_shown(saved.get(key))}, but this run has "
+                f"{key}={_shown(current.get(key))}; resume with the same settings, or start over with --force")
+    return state
+
+
+def _load(path: str | os.PathLike, *, mmap: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A checkpoint file's state and its decoded settings, checked to be a complete checkpoint of ours."""
+    state = safe_torch_load(path, what="checkpoint", mmap=mmap, error=CheckpointError)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint '{path}' is not a sklearn-bayes-transfer checkpoint; use another "
                               "checkpoint directory")
     if state.get("format_version") != _FORMAT_VERSION:
@@ -154,16 +166,10 @@ def read_checkpoint(path: str | os.PathLike, settings: Mapping[str, Any]) -> dic
     try:
         saved = json.loads(state["settings"])
         for key in ("module", "optimizer", "history", "rng", "extra", "epochs"):
-            state[key]
+            state[key]  # a missing part raises KeyError
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint '{path}' is incomplete or corrupt ({exc}); start over with --force") from None
-    current = plain(dict(settings), "settings")
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            raise CheckpointError(
-                f"checkpoint '{path}' comes from a run with {key}={_shown(saved.get(key))}, but this run has "
-                f"{key}={_shown(current.get(key))}; resume with the same settings, or start over with --force")
-    return state
+    return state, saved
 
 
 def _shown(value: Any) -> str:
@@ -195,7 +201,7 @@ def _setting(value: Any) -> Any:
     if isinstance(value, Prior):
         return {"prior digest": value.digest()}
     if isinstance(value, type):
-        return f"{value.__module__}.{value.__qualname__}"
+        return qualified_name(value)
     if isinstance(value, (str, os.PathLike)):
         return str(value)
     try:
@@ -288,13 +294,10 @@ def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
     CheckpointError
         If the file is unreadable or not a checkpoint of ours.
     """
-    state = safe_torch_load(path, what="checkpoint", error=CheckpointError)
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise CheckpointError(f"'{path}' is not a sklearn-bayes-transfer checkpoint")
+    state, settings = _load(path, mmap=True)  # the weights are not read
     try:
         history = json.loads(state["history"])
-        settings = json.loads(state["settings"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint '{path}' is incomplete or corrupt ({exc})") from None
     last = history[-1] if history else {}
     return {"file": str(path), "epochs_done": int(state.get("epochs", len(history))),

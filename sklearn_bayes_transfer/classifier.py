@@ -10,6 +10,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d
 from skorch import NeuralNetClassifier
 from skorch.callbacks import EpochScoring
+from skorch.dataset import ValidSplit
 from torch import nn
 
 from ._validation import as_numpy
@@ -307,10 +308,22 @@ class PriorRegularizedClassifier(PriorRegularizedMixin, NeuralNetClassifier):
         self._check_fitted()
         return super().predict_proba(self._prepare_X(self._validate_X(X, reset=False)))
 
-    def predict(self, X) -> np.ndarray:
-        """Predicted labels (values of ``classes_``)."""
-        proba = self.predict_proba(X)  # first: it raises NotFittedError before classes_ exists
-        return self.classes_[proba.argmax(axis=1)]
+    def _check_split(self, y: Any) -> None:
+        # A stratified split needs enough examples of every class on both sides.
+        split = self.train_split
+        if not isinstance(split, ValidSplit) or not split.stratified or y is None:
+            return
+        labels, counts = np.unique(as_numpy(y).reshape(len(y), -1)[:, 0], return_counts=True)
+        cv = split.cv
+        needed = 2 if isinstance(cv, float) else int(cv)
+        if counts.min() < needed:
+            worst = labels[counts.argmin()]
+            if hasattr(self, "classes_") and np.issubdtype(np.asarray(worst).dtype, np.integer):
+                worst = self.classes_[int(worst)]
+            raise DataError(
+                f"a stratified validation split needs at least {needed} examples of every class, but class "
+                f"{worst!r} has {int(counts.min())}; train on all data (train_split=None, or no "
+                "--valid-fraction), add examples, or use a non-stratified split")
 
     @property
     def _default_callbacks(self):

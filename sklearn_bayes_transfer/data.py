@@ -1146,9 +1146,8 @@ class TransformedDataset(torch.utils.data.Dataset):
         if not isinstance(x, torch.Tensor) or x.ndim != 3:
             raise DataError(f"TransformedDataset expects x to be an image (C, H, W); item {index} has "
                             f"{_describe(x)}")
-        x = _to_float(x)
-        if self.preprocess is not None:
-            x = self.preprocess(x)
+        # Preprocess converts (and checks) the values itself: once per item, not twice.
+        x = self.preprocess(x) if self.preprocess is not None else _to_float(x)
         return x, y
 
 

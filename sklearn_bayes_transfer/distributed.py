@@ -38,6 +38,11 @@ def launched_processes() -> int:
                           "accelerate launch, or unset it") from None
 
 
+def _accelerate_missing() -> ConfigError:
+    return ConfigError(f"this run was launched with {launched_processes()} processes, and data-parallel training "
+                       "needs Accelerate: pip install 'sklearn-bayes-transfer[distributed]'")
+
+
 def make_accelerator(device: str) -> Any:
     """An ``accelerate.Accelerator`` that splits each batch of ``batch_size`` over the processes.
 
@@ -49,8 +54,7 @@ def make_accelerator(device: str) -> Any:
     try:
         from accelerate import Accelerator, DataLoaderConfiguration
     except ImportError:
-        raise ConfigError(f"this run was launched with {launched_processes()} processes, and data-parallel "
-                          "training needs Accelerate: pip install 'sklearn-bayes-transfer[distributed]'") from None
+        raise _accelerate_missing() from None
     # split_batches: batch_size stays the global batch, so results do not depend on the process count.
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True), cpu=str(device) == "cpu")
     _close_at_exit()
@@ -153,8 +157,7 @@ def start_processes(device: str) -> tuple[int, int, str]:
     try:
         from accelerate import PartialState
     except ImportError:
-        raise ConfigError(f"this run was launched with {launched_processes()} processes, and data-parallel "
-                          "training needs Accelerate: pip install 'sklearn-bayes-transfer[distributed]'") from None
+        raise _accelerate_missing() from None
     state = PartialState(cpu=str(device) == "cpu")
     _close_at_exit()
     return state.process_index, state.num_processes, str(state.device)

@@ -20,13 +20,12 @@ import math
 import warnings
 from typing import Any
 
-import numpy as np
 from skorch.callbacks import Callback
 
 from .exceptions import ConfigError
 from .laplace import maximize_log_evidence
 from .prior import Prior
-from .sampling import Inference
+from .recipe import usable_reference_scale
 
 __all__ = [
     "CURVATURE_MAX_EXAMPLES",
@@ -58,8 +57,7 @@ def resolve_scale_bounds(value: Any, prior: Prior | None) -> tuple[float, float]
     (0.01, 1000000.0)
     """
     if value is None:
-        ref = prior.reference_scale() if prior is not None else 1.0
-        ref = ref if math.isfinite(ref) and ref > 0 else 1.0
+        ref = usable_reference_scale(prior) or 1.0
         low, high = SCALE_BOUNDS_DECADES
         return ref * 10.0 ** low, ref * 10.0 ** high
     try:
@@ -102,10 +100,7 @@ class EvidencePriorScale(Callback):
         if not (isinstance(net.prior_scale, str) and net.prior_scale == "evidence") or net.penalty_ is None:
             return
         plan = net.training_plan_
-        steps = plan.epochs * plan.steps_per_epoch
-        if plan.sampling.inference in (Inference.SWAG, Inference.SGLD):
-            steps = plan.sampling.start * plan.steps_per_epoch  # the scale is fixed while sampling
-        self.at_ = update_steps(steps)
+        self.at_ = update_steps(plan.schedule_steps)  # the scale is fixed while sampling
         self.bounds_ = resolve_scale_bounds(net.prior_scale_bounds, net.prior_)
         self.step_ = 0
         self.dataset_ = None

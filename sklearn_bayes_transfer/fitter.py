@@ -29,7 +29,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ._device import resolve_device, seeded
-from ._validation import HasMethods, Integral, Interval, Options, Real, check_params
+from ._validation import HasMethods, Integral, Interval, Options, Real, check_params, qualified_name
 from ._version import __version__
 from .backbones import (
     BackboneWithHead,
@@ -618,7 +618,7 @@ class PriorFitter(BaseEstimator):
         if isinstance(self.preprocess, Preprocess):
             settings["preprocess"] = self.preprocess.to_meta()
         if isinstance(self.optimizer, type):
-            settings["optimizer"] = f"{self.optimizer.__module__}.{self.optimizer.__qualname__}"
+            settings["optimizer"] = qualified_name(self.optimizer)
         settings["n_source_examples"] = int(n_examples)
         settings["classes"] = None if classes is None else [str(c) for c in classes]
         return settings

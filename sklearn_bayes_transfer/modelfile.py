@@ -55,15 +55,14 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._io import atomic_torch_save, check_input_file, safe_torch_load
-from ._safetensors import is_safetensors, read_safetensors, write_safetensors
-from ._validation import Integral, Interval, Options, check_params, mismatch_report, plain
+from ._io import atomic_torch_save, check_input_file, own_storages, safe_torch_load
+from ._safetensors import file_format_for, is_safetensors, read_safetensors, write_safetensors
+from ._validation import Integral, Interval, Options, check_params, mismatch_report, plain, qualified_name
 from ._version import __version__
 from .backbones import BackboneWithHead, backbone_from_meta, backbone_meta
 from .data import Preprocess
 from .exceptions import BayesTransferError, ConfigError, PriorFormatError
 from .prior import FORMAT_NAME as PRIOR_FORMAT_NAME
-from .prior import own_storage
 
 __all__ = ["MODEL_FORMAT_NAME", "MODEL_FORMAT_VERSION", "ModelFileError", "SavableEstimator", "convert_model",
            "load_model", "model_summary", "save_model"]
@@ -175,27 +174,12 @@ def convert_model(source: str | os.PathLike, path: str | os.PathLike, *, overwri
 
 def _write_payload(payload: dict[str, Any], path: str | os.PathLike, *, overwrite: bool,
                    file_format: str | None) -> Path:
-    kind = file_format or ("safetensors" if str(path).endswith(".safetensors") else "torch")
-    if kind == "torch":
-        # Tensors read from a safetensors file view one mapped storage, which torch.save cannot write
-        # as several dtypes: give each its own.
-        return atomic_torch_save(_own_storages(payload), path, overwrite=overwrite)
-    if kind != "safetensors":
-        raise ConfigError(f"file_format={file_format!r} is not valid; expected 'torch' or 'safetensors'")
+    if file_format_for(path, file_format) == "torch":
+        return atomic_torch_save(own_storages(payload), path, overwrite=overwrite)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _tensors_out(payload, tensors)
     metadata = {"format": MODEL_FORMAT_NAME, "version": str(MODEL_FORMAT_VERSION), "payload": json.dumps(skeleton)}
     return write_safetensors(tensors, metadata, path, overwrite=overwrite)
-
-
-def _own_storages(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return own_storage(value)
-    if isinstance(value, dict):
-        return {k: _own_storages(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_own_storages(v) for v in value]
-    return value
 
 
 def _tensors_out(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -278,7 +262,7 @@ def _model_payload(estimator: Any) -> dict[str, Any]:
         "meta": {
             "library_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "optimizer": f"{optimizer.__module__}.{optimizer.__qualname__}" if isinstance(optimizer, type) else None,
+            "optimizer": qualified_name(optimizer) if isinstance(optimizer, type) else None,
             "prior": prior.meta if prior is not None else None,
         },
     }

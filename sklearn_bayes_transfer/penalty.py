@@ -98,7 +98,7 @@ class _Mahalanobis(torch.autograd.Function):
     """``0.5 r^T Sigma_tilde^{-1} r``; backward is the second streamed pass."""
 
     @staticmethod
-    def forward(ctx, penalty: "PriorPenalty", with_grad: bool, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, penalty: "PriorPenalty", *params: torch.Tensor) -> torch.Tensor:
         pre = penalty._precomputed(params)
         z, diag_sum = penalty._first_pass(pre, params)
         # Combine in float64: the two sums nearly cancel along the prior's low-rank directions.
@@ -116,7 +116,7 @@ class _Mahalanobis(torch.autograd.Function):
         z, *params = ctx.saved_tensors
         reuse = ctx.generation == ctx.pre.generation
         grads = ctx.penalty._second_pass(ctx.pre, params, z, grad_output.to(z.dtype), reuse)
-        return (None, None, *grads)
+        return (None, *grads)
 
 
 class PriorPenalty:
@@ -347,9 +347,7 @@ class PriorPenalty:
 
     def __call__(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """``0.5 * r^T Sigma_tilde^{-1} r`` (differentiable in ``params``)."""
-        # Inside forward grad mode is always off, so whether a backward can follow is decided here.
-        with_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        return _Mahalanobis.apply(self, with_grad, *params)
+        return _Mahalanobis.apply(self, *params)
 
     def log_prob(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """The full log-density ``log N(w; mean, Sigma_tilde)``, with log-determinant and ``2 pi``."""

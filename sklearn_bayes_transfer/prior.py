@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import atomic_torch_save, check_input_file, safe_torch_load
-from ._safetensors import is_safetensors, read_safetensors, write_safetensors
+from ._io import atomic_torch_save, check_input_file, own_storages, safe_torch_load
+from ._safetensors import file_format_for, is_safetensors, read_safetensors, write_safetensors
 from ._validation import check_choice, mismatch_report, plain
 from ._version import __version__
 from .exceptions import ConfigError, PriorFormatError, PriorMismatchError
@@ -44,7 +44,8 @@ FORMAT_VERSION = 1
 IMAGENET_PREPROCESS = {"image_size": [224, 224], "channels": 3, "mean": [0.485, 0.456, 0.406],
                        "std": [0.229, 0.224, 0.225]}
 
-_FACTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Storage dtypes a prior's factor may have, by name.
+FACTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 # Wrappers (DDP, DataParallel, torch.compile, our own estimator modules) prefix names with these.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -176,7 +177,7 @@ class Prior:
         if not isinstance(factor, torch.Tensor) or factor.dim() != 2 or factor.shape[1] != d:
             shape = tuple(factor.shape) if isinstance(factor, torch.Tensor) else type(factor).__name__
             raise PriorFormatError(f"factor must have shape (K, D) = (K, {d}), got {shape}")
-        if factor.dtype not in _FACTOR_DTYPES.values():
+        if factor.dtype not in FACTOR_DTYPES.values():
             if not factor.dtype.is_floating_point:
                 raise PriorFormatError(f"factor must be floating point, got dtype {factor.dtype}")
             factor = factor.to(torch.float32)
@@ -363,10 +364,10 @@ class Prior:
     def with_factor_dtype(self, dtype: torch.dtype | str) -> "Prior":
         """Return the prior with its factor stored as ``float32``, ``bfloat16`` or ``float16``."""
         if isinstance(dtype, str):
-            if dtype not in _FACTOR_DTYPES:
-                raise ConfigError(f"factor_dtype={dtype!r} is not valid; expected one of {sorted(_FACTOR_DTYPES)}")
-            dtype = _FACTOR_DTYPES[dtype]
-        if dtype not in _FACTOR_DTYPES.values():
+            if dtype not in FACTOR_DTYPES:
+                raise ConfigError(f"factor_dtype={dtype!r} is not valid; expected one of {sorted(FACTOR_DTYPES)}")
+            dtype = FACTOR_DTYPES[dtype]
+        if dtype not in FACTOR_DTYPES.values():
             raise ConfigError(f"factor_dtype={dtype} is not valid; expected torch.float32, bfloat16 or float16")
         if dtype == self._factor.dtype:
             return self
@@ -449,8 +450,12 @@ class Prior:
         """SHA-256 of the prior's content (names, shapes, meta and every tensor's bytes), as hex.
 
         :meth:`save` stores it and :meth:`load` checks it, so a flipped bit or a truncated copy
-        is refused rather than used.
+        is refused rather than used. A prior loaded with that check, and unchanged since, returns the
+        checked value without reading its tensors again.
         """
+        source = self._source
+        if source is not None and source.verified and source.versions == self._versions():
+            return source.digest
         h = hashlib.sha256()
         h.update(json.dumps({"names": list(self._names), "shapes": [list(s) for s in self._shapes],
                              "buffers": sorted(self._buffers), "meta": self._meta}, sort_keys=True,
@@ -469,17 +474,8 @@ class Prior:
         in ``.safetensors``. Both hold the same content and :meth:`load` reads either. With
         ``overwrite=False`` an existing file is refused with :class:`OutputExistsError`.
         """
-        kind = file_format or ("safetensors" if str(path).endswith(".safetensors") else "torch")
-        if kind == "torch":
-            payload = self.to_dict()
-            # Tensors viewing a mapped safetensors file share one storage, which torch.save cannot
-            # write as several dtypes: give each its own.
-            for key in ("mean", "variance", "factor"):
-                payload[key] = own_storage(payload[key])
-            payload["buffers"] = {k: own_storage(v) for k, v in payload["buffers"].items()}
-            return atomic_torch_save(payload, path, overwrite=overwrite)
-        if kind != "safetensors":
-            raise ConfigError(f"file_format={file_format!r} is not valid; expected 'torch' or 'safetensors'")
+        if file_format_for(path, file_format) == "torch":
+            return atomic_torch_save(own_storages(self.to_dict()), path, overwrite=overwrite)
         payload = self.to_dict()
         tensors = {"mean": payload["mean"], "variance": payload["variance"], "factor": payload["factor"],
                    **{f"buffers/{k}": v for k, v in payload["buffers"].items()}}
@@ -504,7 +500,8 @@ class Prior:
         prior = cls.from_dict(payload, source=str(path), verify=verify)
         digest = payload.get("digest") if isinstance(payload, dict) else None
         if isinstance(digest, str):
-            object.__setattr__(prior, "_source", _FileSource(os.path.realpath(path), digest, prior._versions()))
+            object.__setattr__(prior, "_source", _FileSource(os.path.realpath(path), digest, prior._versions(),
+                                                             verified=verify))
         return prior
 
     @staticmethod
@@ -595,6 +592,7 @@ class _FileSource:
     path: str
     digest: str
     versions: tuple[int, ...]
+    verified: bool = False  # the content was checked against ``digest`` at load
 
 
 # Priors a worker process has loaded by reference, by (path, digest): one mapping per file and process.
@@ -638,12 +636,6 @@ def _all_finite(tensor: torch.Tensor) -> bool:
         if not bool(torch.isfinite(chunk.sum())) and not bool(torch.isfinite(chunk).all()):
             return False
     return True
-
-
-def own_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor``, or a copy of it when it views part of a larger storage (torch.save writes whole storages)."""
-    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
-    return tensor if whole and tensor.storage_offset() == 0 else tensor.clone()
 
 
 def _safetensors_payload(path: str | os.PathLike) -> dict[str, Any]:

@@ -56,6 +56,8 @@ __all__ = [
     "WarmupCosineLR",
     "epochs_for_steps",
     "resolve_prior_scale",
+    "small_last_batch",
+    "usable_reference_scale",
     "warmup_cosine_factor",
 ]
 
@@ -126,6 +128,11 @@ class TrainingPlan:
         starts (all of them for MAP); sampling sets its own learning rate."""
         return self.sampling.start
 
+    @property
+    def schedule_steps(self) -> int:
+        """Optimizer steps of :attr:`schedule_epochs`."""
+        return self.schedule_epochs * self.steps_per_epoch
+
 
 def epochs_for_steps(steps_per_epoch: int, min_steps: int) -> int:
     """The fewest whole epochs that make at least ``min_steps`` optimizer steps.
@@ -178,7 +185,7 @@ class WarmupCosineLR(Callback):
     def on_train_begin(self, net: Any, **kwargs: Any) -> None:
         plan = net.training_plan_
         self.base_lrs_ = [float(group["lr"]) for group in net.optimizer_.param_groups]
-        self.total_ = plan.schedule_epochs * plan.steps_per_epoch
+        self.total_ = plan.schedule_steps
         self.step_ = 0
 
     def on_batch_begin(self, net: Any, training: bool = False, **kwargs: Any) -> None:
@@ -265,9 +272,20 @@ class TrainLoader(DataLoader):
     def __init__(self, dataset: Any, batch_size: int | None = 1, shuffle: bool = True, drop_last: bool | None = None,
                  **kwargs: Any) -> None:
         if drop_last is None:
-            n, size = len(dataset), batch_size or 1
-            drop_last = n > size and 0 < n % size < size / 4
+            drop_last = small_last_batch(len(dataset), batch_size or 1)
         super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **kwargs)
+
+
+def small_last_batch(n: int, batch_size: int) -> bool:
+    """Whether ``n`` examples in batches of ``batch_size`` leave a last batch of under a quarter of one
+    (``TrainLoader`` drops it: its BatchNorm statistics would be noise)."""
+    return n > batch_size and 0 < n % batch_size < batch_size / 4
+
+
+def usable_reference_scale(prior: Prior | None) -> float | None:
+    """The prior's ``lambda_0`` (1.0 without a prior), or ``None`` when it is not a finite positive number."""
+    ref = prior.reference_scale() if prior is not None else 1.0
+    return float(ref) if math.isfinite(ref) and ref > 0 else None
 
 
 def resolve_prior_scale(value: Any, prior: Prior | None, argument: str = "prior_scale") -> float:
@@ -288,10 +306,8 @@ def resolve_prior_scale(value: Any, prior: Prior | None, argument: str = "prior_
         if value not in ("auto", "evidence"):
             raise ConfigError(f"{argument}={value!r} is not valid; expected a number > 0, 'auto' "
                               f"(lambda_0 * 10**{AUTO_SCALE_DECADES}) or 'evidence'")
-        ref = prior.reference_scale() if prior is not None else 1.0
-        if not math.isfinite(ref) or ref <= 0:
-            return 1.0
-        return float(ref * 10.0 ** AUTO_SCALE_DECADES)
+        ref = usable_reference_scale(prior)
+        return 1.0 if ref is None else float(ref * 10.0 ** AUTO_SCALE_DECADES)
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
         and math.isfinite(float(value)) and float(value) > 0
     if not ok:

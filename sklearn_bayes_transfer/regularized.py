@@ -32,7 +32,7 @@ import torch
 from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_array
 from skorch.callbacks import Callback, EarlyStopping, PassthroughScoring
-from skorch.dataset import ValidSplit, unpack_data
+from skorch.dataset import unpack_data
 from skorch.utils import to_device
 from torch import nn
 
@@ -42,7 +42,6 @@ from ._validation import (
     Interval,
     Options,
     Real,
-    as_numpy,
     check_choice,
     check_params,
 )
@@ -67,7 +66,7 @@ from .exceptions import (
 )
 from .laplace import evidence_grid, log_evidence
 from .penalty import PriorPenalty
-from .prior import Prior, PriorStructure, named_parameters_for
+from .prior import FACTOR_DTYPES, Prior, PriorStructure, named_parameters_for
 from .recipe import (
     DEFAULT_MOMENTUM,
     BatchNormUpdate,
@@ -77,6 +76,7 @@ from .recipe import (
     WarmupCosineLR,
     epochs_for_steps,
     resolve_prior_scale,
+    small_last_batch,
 )
 from .sampling import Inference
 
@@ -329,8 +329,7 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
                                shuffle=bool(kwargs.pop("shuffle", True)),
                                seed=int(getattr(self, "random_state", None) or 0))
         if kwargs.get("drop_last") is None:  # TrainLoader's rule, for this process's share of the data
-            n = len(sampler)
-            kwargs["drop_last"] = n > share and 0 < n % share < share / 4
+            kwargs["drop_last"] = small_last_batch(len(sampler), share)
         return self.iterator_train(dataset, batch_size=share, sampler=sampler, shuffle=False, **kwargs)
 
     def partial_fit(self, X, y=None, classes=None, **fit_params):
@@ -445,20 +444,13 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         return train, valid
 
     def _check_split(self, y: Any) -> None:
-        split = self.train_split
-        if not isinstance(split, ValidSplit) or not split.stratified or y is None:
-            return
-        labels, counts = np.unique(as_numpy(y).reshape(len(y), -1)[:, 0], return_counts=True)
-        cv = split.cv
-        needed = 2 if isinstance(cv, float) else int(cv)
-        if counts.min() < needed:
-            worst = labels[counts.argmin()]
-            if hasattr(self, "classes_") and np.issubdtype(np.asarray(worst).dtype, np.integer):
-                worst = self.classes_[int(worst)]
-            raise DataError(
-                f"a stratified validation split needs at least {needed} examples of every class, but class "
-                f"{worst!r} has {int(counts.min())}; train on all data (train_split=None, or no "
-                "--valid-fraction), add examples, or use a non-stratified split")
+        """Hook: refuse a validation split the targets cannot support (nothing to check by default)."""
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted labels (values of ``classes_``): one per image, or a mask ``(N, H, W)`` per image for a
+        segmenter, at the inputs' size."""
+        proba = self.predict_proba(X)  # first: it raises NotFittedError before classes_ exists
+        return self.classes_[proba.argmax(axis=1)]
 
     def _task_loss(self, y_pred, y_true, X=None, training=False):
         """The criterion's loss (skorch's ``get_loss``); estimators adapt it to their targets."""
@@ -764,10 +756,9 @@ def _round_down(step: float, ratio: float) -> float:
 def _factor_dtype(value: Any) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if value not in names:
+    if value not in FACTOR_DTYPES:
         raise ConfigError(f"factor_dtype={value!r} is not valid; expected None, 'float32', 'bfloat16' or 'float16'")
-    return names[value]
+    return FACTOR_DTYPES[value]
 
 
 def _load_prior_state(backbone: nn.Module, prior: Prior) -> None:

@@ -379,10 +379,6 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
                                      generator=augment.generator)
         return augment_batch(augment, X, y)
 
-    def _check_split(self, y: Any) -> None:
-        # Masks have no per-image label to stratify on; _check_segmenter_params refuses stratified splits.
-        return None
-
     def get_loss(self, y_pred, y_true, X=None, training=False):
         n_classes = len(self.classes_)
         if y_pred.dim() != 4 or y_pred.shape[1] != n_classes:
@@ -436,11 +432,6 @@ class PriorRegularizedSegmenter(PriorRegularizedMixin, NeuralNet):
         size = _image_size(X)
         Xt = self._prepare_X(X)
         return self._bayes_average(lambda: self._proba(Xt, size))
-
-    def predict(self, X) -> np.ndarray:
-        """Masks ``(N, H, W)`` of class ids (values of ``classes_``), at the inputs' size."""
-        proba = self.predict_proba(X)  # first: it raises NotFittedError before classes_ exists
-        return self.classes_[proba.argmax(axis=1)]
 
     def score(self, X, y, sample_weight=None) -> float:
         """Mean intersection over union of ``predict(X)`` against masks ``y`` (``ignore_index`` skipped).

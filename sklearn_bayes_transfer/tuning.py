@@ -23,7 +23,7 @@ import numpy as np
 
 from .exceptions import ConfigError
 from .prior import Prior, PriorStructure
-from .recipe import resolve_prior_scale
+from .recipe import resolve_prior_scale, usable_reference_scale
 
 __all__ = ["DEFAULT_DECADES", "default_param_grid", "prefer_default", "results_table", "select_index"]
 
@@ -63,9 +63,7 @@ def default_param_grid(
     {'prior_structure': ['none']}
     """
     if scales is None:
-        ref = prior.reference_scale()
-        if not np.isfinite(ref) or ref <= 0:
-            ref = 1.0
+        ref = usable_reference_scale(prior) or 1.0
         scales = [float(ref * 10.0 ** k) for k in decades]
     scales = [float(s) for s in scales]
     bad = [s for s in scales if not np.isfinite(s) or s <= 0]
