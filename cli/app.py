@@ -16,11 +16,4 @@ from . import tune_cmd  # noqa: F401,E402
 from . import compare_cmd  # noqa: F401,E402
 from . import demo_cmd  # noqa: F401,E402
 
-__all__ = ["app", "main"]
-
-
-def main() -> None:
-    """Run the ``bt-transfer`` command line (the console script is :func:`._entry.main`)."""
-    from ._entry import main as entry
-
-    entry()
+__all__ = ["app"]

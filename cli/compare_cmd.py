@@ -28,7 +28,7 @@ from sklearn_bayes_transfer.metrics import (
     negative_log_likelihood,
 )
 from sklearn_bayes_transfer.prior import Prior
-from sklearn_bayes_transfer.tuning import default_param_grid, prefer_default
+from sklearn_bayes_transfer.tuning import FINETUNE_DEFAULT, default_param_grid, prefer_default
 
 from ._app import app, check_output, console, handle_errors, resolve_device
 from ._options import (
@@ -72,6 +72,20 @@ def _candidates(priors: list[Path], methods: list[ScaleMethod], standard: bool) 
     return rows
 
 
+def _load_folders(prior: Prior, size: tuple[int, int] | None, data: Path, test: Path) -> tuple:
+    """(preprocessing, training images and labels, test images and labels) in the prior's geometry."""
+    preprocess, load_size, channels = load_geometry(prior, size)
+    Xtr, ytr = load_image_folder(data, image_size=load_size, channels=channels)
+    try:
+        Xte, yte = load_image_folder(test, image_size=load_size or tuple(Xtr.shape[-2:]), channels=channels)
+    except DataError as exc:
+        raise DataError(f"--test: {exc}") from None
+    unseen = sorted(set(yte.tolist()) - set(ytr.tolist()))
+    if unseen:
+        raise DataError(f"--test has classes that --data has not: {', '.join(map(str, unseen[:5]))}")
+    return preprocess, Xtr, ytr, Xte, yte
+
+
 def _fit(estimator: PriorRegularizedClassifier, how: dict, prior: Prior, X: np.ndarray, y: np.ndarray,
          seed: int, n_jobs: int) -> Any:
     method = how.get("scale")
@@ -81,7 +95,7 @@ def _fit(estimator: PriorRegularizedClassifier, how: dict, prior: Prior, X: np.n
         # Every candidate fit is seeded: n_jobs spreads them over the cores without changing results.
         search = GridSearchCV(clone(estimator), default_param_grid(prior), error_score="raise", n_jobs=n_jobs,
                               cv=StratifiedKFold(3, shuffle=True, random_state=seed),
-                              refit=prefer_default({"prior_structure": "lowrank", "prior_scale": "auto"}, prior))
+                              refit=prefer_default(FINETUNE_DEFAULT, prior))
         return search.fit(X, y)
     return clone(estimator).set_params(prior_scale=method.value).fit(X, y)
 
@@ -167,20 +181,16 @@ def compare(
     device = resolve_device(device)
     size = parse_image_size(image_size)
     priors = {path: Prior.load(path) for path in prior}
+    loaded_data: dict[Path, tuple] = {}  # the folders as each prior's geometry reads them, once per prior
     rows = []
-    status = f"fine-tuning {len(_candidates(prior, methods, standard))} candidate(s) x {seeds} seed(s) ..."
+    candidates = _candidates(prior, methods, standard)
+    status = f"fine-tuning {len(candidates)} candidate(s) x {seeds} seed(s) ..."
     with console.status(status, spinner="dots") if not quiet and not as_json else contextlib.nullcontext():
-        for name, path, how in _candidates(prior, methods, standard):
+        for name, path, how in candidates:
             loaded = priors[path]
-            preprocess, load_size, channels = load_geometry(loaded, size)
-            Xtr, ytr = load_image_folder(data, image_size=load_size, channels=channels)
-            try:
-                Xte, yte = load_image_folder(test, image_size=load_size or tuple(Xtr.shape[-2:]), channels=channels)
-            except DataError as exc:
-                raise DataError(f"--test: {exc}") from None
-            unseen = sorted(set(yte.tolist()) - set(ytr.tolist()))
-            if unseen:
-                raise DataError(f"--test has classes that --data has not: {', '.join(map(str, unseen[:5]))}")
+            if path not in loaded_data:
+                loaded_data[path] = _load_folders(loaded, size, data, test)
+            preprocess, Xtr, ytr, Xte, yte = loaded_data[path]
             runs = []
             for seed in range(random_state, random_state + seeds):
                 estimator = PriorRegularizedClassifier(loaded, preprocess=preprocess, device=device, verbose=0,

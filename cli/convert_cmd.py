@@ -9,8 +9,7 @@ from typing import Annotated
 
 import typer
 
-from sklearn_bayes_transfer.exceptions import PriorFormatError
-from sklearn_bayes_transfer.modelfile import ModelFileError, convert_model
+from sklearn_bayes_transfer.modelfile import MODEL_FORMAT_NAME, convert_model
 from sklearn_bayes_transfer.prior import FactorNormalization, Prior
 
 from ._app import app, check_output, console, handle_errors
@@ -29,15 +28,12 @@ def convert(
     """Convert a prior (or a fine-tuned model file) between the torch and the safetensors file formats."""
     check_output(out, force, inputs=(prior,))
     kind = "safetensors" if str(out).endswith(".safetensors") else "torch"
-    try:
-        loaded = Prior.load(prior)
-    except PriorFormatError as not_a_prior:
-        try:
-            convert_model(prior, out, overwrite=force)
-        except ModelFileError:
-            raise not_a_prior from None  # neither: the prior's message says what the file is not
+    payload = Prior.read_payload(prior)  # read once; its format says which kind of file it is
+    if isinstance(payload, dict) and payload.get("format") == MODEL_FORMAT_NAME:
+        convert_model(prior, out, overwrite=force)
         console.print(f"wrote {out} ({kind}): the model file {prior}, same content", highlight=False)
         return
+    loaded = Prior.from_dict(payload, source=str(prior))
     loaded.save(out, overwrite=force)
     console.print(f"wrote {out} ({kind}): D = {loaded.n_params:,}, K = {loaded.rank}, digest {loaded.digest()[:12]}",
                   highlight=False)

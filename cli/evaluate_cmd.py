@@ -20,11 +20,12 @@ from sklearn_bayes_transfer.metrics import (
     brier_score,
     encode_masks,
     expected_calibration_error,
-    mean_iou,
+    iou_from_confusion,
+    mean_iou_from_confusion,
     negative_log_likelihood,
-    per_class_iou,
-    pixel_accuracy,
+    pixel_accuracy_from_confusion,
     reliability_diagram,
+    segmentation_confusion_matrix,
 )
 from sklearn_bayes_transfer.modelfile import load_model
 from sklearn_bayes_transfer.segmenter import PriorRegularizedSegmenter
@@ -117,15 +118,14 @@ def _segmentation_scores(estimator: PriorRegularizedSegmenter, data: Path, masks
     truth = encode_masks(truth, classes, ignore_index, where=lambda n: f"the mask of image '{paths[n]}' (in '{masks}')")
     predicted = encode_masks(np.concatenate([estimator.predict(X[start:start + MASK_CHUNK])
                                              for start in range(0, len(X), MASK_CHUNK)]), classes)
-    args = (truth, predicted, len(classes))
+    cm = segmentation_confusion_matrix(truth, predicted, len(classes), ignore_index=IGNORE_TARGET)
     return {
         "data": str(data), "masks": str(masks), "n_images": len(X),
         "resized_to": None if size is None else list(size),
         "classes": classes.tolist(), "ignore_index": ignore_index,
-        "mean_iou": mean_iou(*args, ignore_index=IGNORE_TARGET),
-        "pixel_accuracy": pixel_accuracy(*args, ignore_index=IGNORE_TARGET),
-        "per_class_iou": {str(c): float(v) for c, v in zip(classes.tolist(), per_class_iou(*args,
-                                                                                         ignore_index=IGNORE_TARGET))},
+        "mean_iou": mean_iou_from_confusion(cm),
+        "pixel_accuracy": pixel_accuracy_from_confusion(cm),
+        "per_class_iou": {str(c): float(v) for c, v in zip(classes.tolist(), iou_from_confusion(cm))},
     }
 
 

@@ -14,7 +14,6 @@ import torch
 import typer
 
 from sklearn_bayes_transfer._io import atomic_write
-from sklearn_bayes_transfer.classifier import PriorRegularizedClassifier
 from sklearn_bayes_transfer.data import save_mask
 from sklearn_bayes_transfer.exceptions import ConfigError, DataError, OutputExistsError
 from sklearn_bayes_transfer.modelfile import ModelFileError, load_model
@@ -32,18 +31,6 @@ from ._images import (
 )
 
 __all__ = ["predict"]
-
-def _collect_images(arguments: Sequence[Path]) -> list[Path]:
-    """Image files named on the command line, with folders expanded recursively (sorted).
-
-    A named file must carry an image extension; a folder must hold at least one image.
-    """
-    return [path for path, _ in collect_image_names(arguments)]
-
-
-def _load_classifier(path: Path, device: str) -> PriorRegularizedClassifier:
-    """The model file's estimator, which must be a classifier (these commands print class labels)."""
-    return check_classifier(load_model(path, device=device), path)
 
 
 def _csv(paths: Sequence[Path], labels: np.ndarray, proba: np.ndarray | None, classes: np.ndarray) -> str:
@@ -170,7 +157,8 @@ def predict(
                           f"{type(estimator).__name__}, which predicts one label per image; use --out FILE for a "
                           "CSV of labels (or leave it out to print them)")
     check_output(out, force, inputs=(model,))
-    paths = _collect_images(images)
+    # Files named on the command line, folders expanded recursively (sorted).
+    paths = [path for path, _ in collect_image_names(images)]
     probabilities = estimator.predict_proba(image_dataset(paths, estimator))
     if not np.isfinite(probabilities).all():
         row = int(np.flatnonzero(~np.isfinite(probabilities).all(axis=1))[0])

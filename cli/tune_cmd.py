@@ -26,9 +26,10 @@ from sklearn_bayes_transfer.modelfile import save_model
 from sklearn_bayes_transfer.prior import Prior, PriorStructure
 from sklearn_bayes_transfer.tuning import (
     DEFAULT_DECADES,
+    FINETUNE_DEFAULT,
     default_param_grid,
+    prefer_default,
     results_table,
-    select_index,
 )
 
 from ._app import app, check_output, console, handle_errors, resolve_device
@@ -68,8 +69,6 @@ class TuneMethod(str, Enum):
 
 #: The row of the pixel baseline in the result table.
 PIXEL_BASELINE = "logistic regression (pixels)"
-#: The candidate ``finetune`` would train by default, kept unless another is clearly better.
-FINETUNE_DEFAULT = {"prior_structure": PriorStructure.LOWRANK.value, "prior_scale": "auto"}
 
 
 def _parse_scales(text: str | None) -> list[float] | None:
@@ -175,9 +174,10 @@ def tune(
     grid = default_param_grid(prior_obj, scales=scales, structures=wanted, include_none=standard)
     preprocess, load_size, channels = load_geometry(prior_obj, parse_image_size(image_size))
     X, y = load_image_folder(data, image_size=load_size, channels=channels)
+    # Seeded per fit, so every candidate trains the same way whatever the order or --n-jobs.
+    estimator = PriorRegularizedClassifier(prior_obj, preprocess=preprocess, device=device, verbose=0,
+                                           random_state=random_state, **recipe)
     if method is TuneMethod.EVIDENCE:
-        estimator = PriorRegularizedClassifier(prior_obj, preprocess=preprocess, device=device, verbose=0,
-                                               random_state=random_state, **recipe)
         bounds = (min(scales), max(scales)) if scales else None
         _tune_by_evidence(estimator, wanted, bounds, X, y, out=out, force=force, as_json=as_json, quiet=quiet)
         return
@@ -185,15 +185,9 @@ def tune(
     if counts.min() < cv:
         raise ConfigError(f"--cv {cv} needs at least {cv} images of every class, but class {str(labels[counts.argmin()])!r} "
                           f"has {int(counts.min())}; lower --cv or add images")
-    # Seeded per fit, so every candidate trains the same way whatever the order or --n-jobs.
-    estimator = PriorRegularizedClassifier(prior_obj, preprocess=preprocess, device=device, verbose=0,
-                                           random_state=random_state, **recipe)
     folds = StratifiedKFold(cv, shuffle=True, random_state=random_state)
-
-    def choose(cv_results: dict) -> int:
-        # finetune's default candidate stays unless another beats it beyond the folds' noise.
-        return select_index(cv_results, FINETUNE_DEFAULT, prior_obj)
-
+    # finetune's default candidate stays unless another beats it beyond the folds' noise.
+    choose = prefer_default(FINETUNE_DEFAULT, prior_obj)
     search = GridSearchCV(estimator, grid, cv=folds, scoring=get_scorer(scoring), n_jobs=n_jobs,
                           refit=choose if out is not None else False, error_score="raise")
     n_candidates = sum(len(g.get("prior_scale", [None])) * len(g["prior_structure"]) for g in grid)

@@ -22,7 +22,7 @@ from .datasets import load_digits_images
 from .fitter import PriorFitter
 from .prior import Prior
 from .recipe import DEFAULT_MIN_STEPS
-from .tuning import default_param_grid, prefer_default
+from .tuning import FINETUNE_DEFAULT, default_param_grid, prefer_default
 
 __all__ = ["fit_digits_prior", "digits_transfer_demo"]
 
@@ -92,7 +92,7 @@ def digits_transfer_demo(
             "learned prior (default scale)": make(),
             "learned prior (tuned by CV)": GridSearchCV(
                 make(), default_param_grid(prior), cv=StratifiedKFold(tune_cv, shuffle=True, random_state=seed),
-                refit=prefer_default({"prior_structure": "lowrank", "prior_scale": "auto"}, prior)),
+                refit=prefer_default(FINETUNE_DEFAULT, prior)),
             "logistic regression on pixels": LogisticRegression(max_iter=2000),
         }
         for name, estimator in variants.items():

@@ -56,6 +56,7 @@ __all__ = [
     "encode_masks",
     "iou_from_confusion",
     "mean_iou_from_confusion",
+    "pixel_accuracy_from_confusion",
 ]
 
 #: Index of ignored pixels in encoded masks: ``nn.CrossEntropyLoss``'s default ``ignore_index``.
@@ -683,7 +684,15 @@ def mean_iou_from_confusion(cm: Any) -> float:
     return float(np.nanmean(iou))
 
 
-def _pixel_accuracy_from_confusion(cm: np.ndarray) -> float:
+def pixel_accuracy_from_confusion(cm: Any) -> float:
+    """Fraction of the counted pixels on the diagonal of a confusion matrix.
+
+    Raises
+    ------
+    DataError
+        If the matrix counts no pixel.
+    """
+    cm = as_numpy(cm)
     total = cm.sum()
     if total == 0:
         raise DataError("no pixel was counted (every pixel of y_true is ignore_index); pixel accuracy is undefined")
@@ -775,7 +784,7 @@ def pixel_accuracy(y_true: Any, y_pred: Any, n_classes: int, *, ignore_index: in
     >>> pixel_accuracy([[0, 0, 1, 255]], [[0, 1, 1, 0]], 2)
     0.6666666666666666
     """
-    return _pixel_accuracy_from_confusion(
+    return pixel_accuracy_from_confusion(
         segmentation_confusion_matrix(y_true, y_pred, n_classes, ignore_index=ignore_index)
     )
 
@@ -857,7 +866,7 @@ nll_scorer = _ProbaScorer(negative_log_likelihood, "neg_nll")
 ece_scorer = _ProbaScorer(expected_calibration_error, "neg_ece")
 brier_scorer = _ProbaScorer(brier_score, "neg_brier")
 miou_scorer = _SegmentationScorer(mean_iou_from_confusion, "miou")
-pixel_accuracy_scorer = _SegmentationScorer(_pixel_accuracy_from_confusion, "pixel_accuracy")
+pixel_accuracy_scorer = _SegmentationScorer(pixel_accuracy_from_confusion, "pixel_accuracy")
 
 #: Scorers by name, for ``GridSearchCV(scoring=...)`` and the CLI. Greater is better for all:
 #: ``neg_*`` are negated losses. Read-only.

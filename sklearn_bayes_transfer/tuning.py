@@ -25,7 +25,8 @@ from .exceptions import ConfigError
 from .prior import Prior, PriorStructure
 from .recipe import resolve_prior_scale, usable_reference_scale
 
-__all__ = ["DEFAULT_DECADES", "default_param_grid", "prefer_default", "results_table", "select_index"]
+__all__ = ["DEFAULT_DECADES", "FINETUNE_DEFAULT", "default_param_grid", "prefer_default", "results_table",
+           "select_index"]
 
 #: Powers of ten around the reference scale in the default grid.
 DEFAULT_DECADES: tuple[int, ...] = (-2, -1, 0, 1, 2, 3, 4)
@@ -142,6 +143,10 @@ def select_index(cv_results: dict[str, Any], default: dict[str, Any], prior: Pri
         return best
     standard_error = float(np.std(difference, ddof=1) / np.sqrt(len(difference)))
     return best if float(np.mean(difference)) > standard_error else home
+
+
+#: The candidate that ``finetune`` fits by default (what searches keep unless another is clearly better).
+FINETUNE_DEFAULT: dict[str, Any] = {"prior_structure": PriorStructure.LOWRANK.value, "prior_scale": "auto"}
 
 
 def prefer_default(default: dict[str, Any], prior: Prior | None = None) -> Callable[[dict[str, Any]], int]:
