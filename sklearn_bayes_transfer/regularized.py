@@ -22,6 +22,7 @@ each fit with it (:attr:`training_plan_`) and applies the augmentation in :meth:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from enum import Enum
 from pathlib import Path
@@ -315,9 +316,19 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         return step
 
     def get_iterator(self, dataset, training=False):
-        """skorch's iterator; on several processes each training batch is shared out between them."""
-        if not (training and self._data_parallel()):
+        """skorch's iterator; training batches come out augmented (so the step and every callback see the
+        batch the network trained on), and on several processes each is shared out between them."""
+        if not training:
             return super().get_iterator(dataset, training=training)
+        loader = self._shard_iterator(dataset) if self._data_parallel() else \
+            super().get_iterator(dataset, training=training)
+        augment = check_augment(self.augment)
+        if augment is Augment.NONE:
+            return loader
+        return _AugmentedBatches(loader, functools.partial(self._augment_batch, augment))
+
+    def _shard_iterator(self, dataset: Any) -> Any:
+        """This process's share of every training batch (:class:`ShardSampler`)."""
         kwargs = self.get_params_for("iterator_train")
         batch_size = int(kwargs.pop("batch_size", self.batch_size))
         processes = self._processes_
@@ -504,9 +515,6 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         return args, kwargs
 
     def train_step(self, batch, **fit_params):
-        augment = check_augment(self.augment)
-        if augment is not Augment.NONE:
-            batch = self._augment_batch(augment, *unpack_data(batch))
         step = super().train_step(batch, **fit_params)
         if self.penalty_ is not None and self._update_rule() is PriorUpdate.PROXIMAL:
             self._proximal_step()
@@ -739,6 +747,21 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
 
 
 # -- helpers --------------------------------------------------------------------------------------
+class _AugmentedBatches:
+    """A training iterator whose batches are augmented as they come out of ``loader``."""
+
+    def __init__(self, loader: Any, augment: Any) -> None:
+        self.loader = loader
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        for batch in self.loader:
+            yield self.augment(*unpack_data(batch))
+
+
 def _round_down(step: float, ratio: float) -> float:
     """``step`` rounded down to a power of ``ratio`` (0 stays 0; a ratio of 1 leaves it as it is).
 

@@ -430,3 +430,25 @@ def test_a_module_with_the_wrong_number_of_outputs_is_named():
                                     module__kernel_size=1, max_epochs=1, verbose=0)
     with pytest.raises(ConfigError, match=r"n_classes=3"):
         seg.fit(X, masks)
+
+
+class _SeenBatches(Callback):
+    """The training batches as the callbacks receive them."""
+
+    def on_train_begin(self, net, **kwargs):
+        self.shapes_ = []
+
+    def on_batch_end(self, net, batch=None, training=False, y_pred=None, **kwargs):
+        if training:
+            self.shapes_.append((tuple(batch[0].shape), tuple(batch[1].shape), tuple(y_pred.shape)))
+
+
+def test_callbacks_and_train_miou_see_the_augmented_batch():
+    # 8 x 8 crops of 12 x 12 images: the masks scored for train_miou must be the cropped ones the network saw.
+    X, masks = make_squares(n=8)
+    seen = _SeenBatches()
+    crop = JointTransform(crop_size=8, hflip=False, generator=torch.Generator().manual_seed(0))
+    seg = fitted(X, masks, augment=crop, max_epochs=1, callbacks=[("seen", seen)])
+    assert seen.shapes_ and all(image[-2:] == (8, 8) and mask[-2:] == (8, 8) and logits[-2:] == (8, 8)
+                                for image, mask, logits in seen.shapes_)
+    assert np.isfinite(seg.history[-1, "train_miou"])
