@@ -213,7 +213,7 @@ class BayesianInferenceCallback(Callback):
         if self.swag_ is not None:
             self.swag_.on_epoch_begin(net, dataset_train=dataset_train, **kwargs)
         elif self.store_ is not None and dataset_train is not None:
-            self.steps_per_epoch_ = len(net.get_iterator(dataset_train, training=True))
+            self.steps_per_epoch_ = net.training_plan_.steps_per_epoch  # counted when the fit was planned
 
     def on_batch_begin(self, net: Any, batch: Any = None, training: bool = False, **kwargs: Any) -> None:
         if self.swag_ is not None:

@@ -475,14 +475,11 @@ class PriorRegularizedMixin(BayesianInferenceMixin):
         prior_value = task.new_zeros(())
         loss = task
         if self.penalty_ is not None:
-            if self._update_rule() is PriorUpdate.PROXIMAL:
-                # The prior acts through the proximal step in train_step; its value is added for
-                # the log (and train_loss) without a gradient.
-                prior_value = task.new_tensor(self._current_prior_value())
-                loss = loss + prior_value / n
-            else:
-                prior_value = self.penalty_(self.prior_params_)
-                loss = loss + prior_value / n
+            # With the proximal step the prior acts in train_step; its value is added for the log (and
+            # train_loss) without a gradient.
+            prior_value = task.new_tensor(self._current_prior_value()) \
+                if self._update_rule() is PriorUpdate.PROXIMAL else self.penalty_(self.prior_params_)
+            loss = loss + prior_value / n
         head_value = task.new_zeros(())
         if self.head_weight_decay and self.head_params_:
             head_value = 0.5 * float(self.head_weight_decay) * sum(p.pow(2).sum() for p in self.head_params_)
