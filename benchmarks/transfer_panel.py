@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -64,13 +63,14 @@ from typer.testing import CliRunner
 
 from sklearn_bayes_transfer import Prior
 from sklearn_bayes_transfer.backbones import backbone_from_meta
-from sklearn_bayes_transfer.data import load_image_folder, load_segmentation_folder
+from sklearn_bayes_transfer.data import load_image_folder
 from sklearn_bayes_transfer.datasets import load_digits_images
 from sklearn_bayes_transfer.metrics import mean_iou
 from sklearn_bayes_transfer.recipe import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MIN_STEPS,
     TrainLoader,
+    epochs_for_steps,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -167,9 +167,10 @@ def backbone_at_prior_mean(prior: Prior) -> nn.Module:
     return backbone
 
 
-def linear_probe(prior: Prior, train: Path, test: Path) -> float:
+def linear_probe(prior: Prior, train: tuple, test: tuple) -> float:
+    """``train`` and ``test`` are :func:`prior_inputs` of the two folders."""
     backbone = backbone_at_prior_mean(prior).eval()
-    (Xtr, ytr), (Xte, yte) = prior_inputs(prior, train), prior_inputs(prior, test)
+    (Xtr, ytr), (Xte, yte) = train, test
     with torch.no_grad():
         ftr, fte = backbone(Xtr).numpy(), backbone(Xte).numpy()
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(ftr, ytr).score(fte, yte)
@@ -178,13 +179,13 @@ def linear_probe(prior: Prior, train: Path, test: Path) -> float:
 def planned_steps(n_train: int) -> int:
     """The steps ``finetune`` takes by default on ``n_train`` images (its drop-last rule included)."""
     per_epoch = len(TrainLoader(range(n_train), batch_size=DEFAULT_BATCH_SIZE))
-    return math.ceil(DEFAULT_MIN_STEPS / per_epoch) * per_epoch
+    return epochs_for_steps(per_epoch, DEFAULT_MIN_STEPS) * per_epoch
 
 
-def hand_written_finetune(prior: Prior, train: Path, test: Path, steps: int, seed: int) -> float:
+def hand_written_finetune(prior: Prior, train: tuple, test: tuple, steps: int, seed: int) -> float:
     """A plain PyTorch fine-tune with a strong, common recipe (independent of the estimators)."""
     torch.manual_seed(seed)
-    (Xtr, ytr), (Xte, yte) = prior_inputs(prior, train), prior_inputs(prior, test)
+    (Xtr, ytr), (Xte, yte) = train, test
     classes = np.unique(ytr)
     ytr_i = torch.as_tensor(np.searchsorted(classes, ytr))
     backbone = backbone_at_prior_mean(prior)
@@ -265,8 +266,10 @@ def run_classification(name: str, task: dict, work: Path, shots_list: list[int],
                      f"{prior_path.name}, scale auto": "finetune, learned prior (defaults)",
                      f"{prior_path.name}, scale cv": "tune (defaults), best refitted"}
             row = {names.get(r["name"], r["name"]): r["runs"][0]["accuracy"] for r in compared}
-            row["linear probe (prior features)"] = linear_probe(prior, train, test)
-            row["hand-written PyTorch fine-tune"] = hand_written_finetune(prior, train, test,
+            # The folders as the prior's backbone sees them, decoded once for both baselines.
+            inputs = prior_inputs(prior, train), prior_inputs(prior, test)
+            row["linear probe (prior features)"] = linear_probe(prior, *inputs)
+            row["hand-written PyTorch fine-tune"] = hand_written_finetune(prior, *inputs,
                                                                           planned_steps(len(train_idx)), seed)
             for key, value in row.items():
                 scores.setdefault(key, []).append(value)
@@ -293,7 +296,7 @@ def run_segmentation(work: Path, prior_path: Path, seeds: list[int]) -> dict:
             cli("finetune", "--task", "segmentation", "--prior", prior_path, "--data", train_images, "--masks",
                 train_masks, "--out", model, "--random-state", seed, "--quiet", "--force", *extra)
             row[label] = evaluate(model, test_images, test_masks)
-        _, truth = load_segmentation_folder(test_images, test_masks)
+        truth = masks[test_idx]  # what write_pairs wrote, in the order it wrote them
         threshold = otsu_threshold(images[test_idx])
         row["Otsu threshold (no labels)"] = mean_iou(truth, (images[test_idx] > threshold).astype(int), 2)
         pixel_lr = LogisticRegression(max_iter=2000).fit(neighbourhood(images[train_idx]),
